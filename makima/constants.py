@@ -1,0 +1,65 @@
+"""Task queue names, activity timeouts and retry policies: one place, so calls
+never carry literals. Pure (temporalio.common only): imported by workflows.
+
+Timeouts, and why:
+- planning and evaluation are LLM calls (plus, for evaluation, the repository's
+  test suite): minutes, retried with backoff on rate limits and overload;
+- an agent's attempt can take long, so `execute_step` gets a generous
+  start-to-close and a short heartbeat timeout: a dead worker is noticed within
+  AGENT_HEARTBEAT_TIMEOUT and the attempt is retried elsewhere;
+- record writes retry without a cap on attempts (Postgres may be down for a
+  while) but with a bounded interval, so nothing in the audit trail is lost.
+"""
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+TASK_QUEUE = "makima"
+
+PLAN_TIMEOUT = timedelta(minutes=10)
+PLAN_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=5,
+)
+
+EXECUTE_TIMEOUT = timedelta(hours=2)
+AGENT_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
+EXECUTE_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    maximum_attempts=3,
+)
+
+EVALUATE_TIMEOUT = timedelta(minutes=30)
+EVALUATE_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
+EVALUATE_RETRY_POLICY = PLAN_RETRY_POLICY
+
+GIT_TIMEOUT = timedelta(minutes=10)
+GIT_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)
+
+RECORD_TIMEOUT = timedelta(seconds=30)
+RECORD_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=0,  # unlimited: an outage of the database must not lose events
+)
+
+#: How many recent events the `status` query carries.
+RECENT_EVENTS = 20
+#: Longest text (output tails, summaries) a workflow keeps in its state or events.
+MAX_TEXT_IN_HISTORY = 4000
+
+#: Workers send heartbeats at most this often. Cancellation reaches an activity
+#: only with a heartbeat's answer, so this bounds how long `stop` takes to kill
+#: an agent (the SDK's default, 0.8 x the heartbeat timeout, would be 48 s).
+HEARTBEAT_THROTTLE = timedelta(seconds=1)

