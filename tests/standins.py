@@ -1,0 +1,285 @@
+"""Stand-in activities for workflow tests, registered under the real activity
+names, scripted per test, and recording every call so a test can assert which
+activities ran, in which order and how often.
+
+Scores are scripted per step (a list consumed per evaluation, the last value
+repeating); an execute can be held at a gate until the test opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from makima.constants import HEARTBEAT_THROTTLE
+from makima.contracts import (
+    ActivityName,
+    CheckoutInput,
+    CleanupInput,
+    CleanupOutput,
+    CompleteInput,
+    CompleteOutput,
+    EvaluateInput,
+    Event,
+    ExecuteInput,
+    ExecuteOutput,
+    MergeInput,
+    MergeOutput,
+    PlanInput,
+    PlanOutput,
+    PrepareInput,
+    PrepareOutput,
+    RecordInput,
+    RecordOutput,
+)
+from makima.models import (
+    Confidence,
+    DirectiveSnapshot,
+    DirectiveSpec,
+    Evaluation,
+    Plan,
+    PlannedStep,
+    Repository,
+    Usage,
+)
+from workflows.directive import DirectiveWorkflow
+from workflows.step import StepWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def plan_of(*steps: tuple[str, list[str]]) -> Plan:
+    return Plan(steps=[
+        PlannedStep(name=name, description=f"step {name}", task_plan=f"do {name}",
+                    command=f"echo {name}", depends_on=deps)
+        for name, deps in steps
+    ])
+
+
+def spec_of(*steps: tuple[str, list[str]], **overrides: Any) -> DirectiveSpec:
+    fields: dict[str, Any] = {
+        "title": "test directive",
+        "goal": "prove the engine",
+        "repository": Repository(path="/tmp/not-used-by-stand-ins"),
+        "executor": "shell",
+    }
+    if steps:
+        fields["plan"] = plan_of(*steps)
+    fields.update(overrides)
+    return DirectiveSpec(**fields)
+
+
+@dataclass
+class Gate:
+    """Holds an activity until the test opens it; says when it was reached."""
+
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class StandIns:
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    default_score: float = 0.95
+    plans: list[Plan | Exception] = field(default_factory=list)
+    execute_cost: float = 0.0
+    gates: dict[str, Gate] = field(default_factory=dict)
+    conflicts: dict[str, int] = field(default_factory=dict)
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    overlaps: set[frozenset[str]] = field(default_factory=set)
+
+    def gate(self, step: str) -> Gate:
+        return self.gates.setdefault(step, Gate())
+
+    def called(self, name: ActivityName | str, step: str | None = None) -> list[Any]:
+        """Inputs of the calls of one activity (for one step, when given)."""
+        wanted = name.value if isinstance(name, ActivityName) else name
+        out = []
+        for called, payload in self.calls:
+            if called != wanted:
+                continue
+            step_name = getattr(payload, "step", None)
+            step_name = getattr(step_name, "name", step_name)
+            if step is None or step_name == step:
+                out.append(payload)
+        return out
+
+    def order(self, name: ActivityName) -> list[str]:
+        return [getattr(p.step, "name", p.step) for p in self.called(name)]
+
+    def activities(self) -> list[Callable[..., Any]]:
+        s = self
+
+        @activity.defn(name=ActivityName.PREPARE_REPOSITORY.value)
+        async def prepare_repository(input: PrepareInput) -> PrepareOutput:
+            s.calls.append((ActivityName.PREPARE_REPOSITORY.value, input))
+            return PrepareOutput(integration_branch=f"makima/{input.directive_id}",
+                                 base_commit="0" * 40, repository_path=input.repository.location)
+
+        @activity.defn(name=ActivityName.PLAN_DIRECTIVE.value)
+        async def plan_directive(input: PlanInput) -> PlanOutput:
+            s.calls.append((ActivityName.PLAN_DIRECTIVE.value, input))
+            if not s.plans:
+                raise ApplicationError("stand-in planner has no plan left", non_retryable=True)
+            reply = s.plans.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return PlanOutput(plan=reply, usage=Usage(cost_usd=0.01))
+
+        @activity.defn(name=ActivityName.EXECUTE_STEP.value)
+        async def execute_step(input: ExecuteInput) -> ExecuteOutput:
+            name = input.step.name
+            s.calls.append((ActivityName.EXECUTE_STEP.value, input))
+            for other in s.running:
+                s.overlaps.add(frozenset({name, other}))
+            s.running.add(name)
+            try:
+                gate = s.gates.get(name)
+                if gate is not None:
+                    gate.reached.set()
+                    while not gate.opened.is_set():
+                        activity.heartbeat("waiting at the gate")
+                        try:
+                            await asyncio.wait_for(gate.opened.wait(), 0.1)
+                        except TimeoutError:
+                            pass
+            except asyncio.CancelledError:
+                s.cancelled.append(name)
+                raise
+            finally:
+                s.running.discard(name)
+            return ExecuteOutput(
+                success=True, exit_code=0, branch=f"makima/{input.directive_id}--steps/{name}",
+                commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
+                changed_files=[f"{name}.txt"], output_tail=f"did {name}",
+                usage=Usage(cost_usd=s.execute_cost))
+
+        @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
+        async def checkout_step(input: CheckoutInput) -> ExecuteOutput:
+            s.calls.append((ActivityName.CHECKOUT_STEP.value, input))
+            return ExecuteOutput(success=True, exit_code=0, commit="f" * 40,
+                                 branch=f"makima/{input.directive_id}--steps/{input.step}")
+
+        @activity.defn(name=ActivityName.EVALUATE_STEP.value)
+        async def evaluate_step(input: EvaluateInput) -> Evaluation:
+            s.calls.append((ActivityName.EVALUATE_STEP.value, input))
+            queue = s.scores.get(input.step.name)
+            score = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else s.default_score
+            green = score >= input.spec.thresholds.green
+            return Evaluation(
+                passed=green, score=score,
+                confidence=Confidence.GREEN if green else Confidence.RED,
+                summary=f"{input.step.name} scored {score}",
+                rework_instructions="" if green else f"fix {input.step.name} (was {score})",
+                evaluator="stand-in")
+
+        @activity.defn(name=ActivityName.MERGE_STEP.value)
+        async def merge_step(input: MergeInput) -> MergeOutput:
+            s.calls.append((ActivityName.MERGE_STEP.value, input))
+            if s.conflicts.get(input.step, 0) > 0:
+                s.conflicts[input.step] -= 1
+                return MergeOutput(merged=False, conflict_files=["shared.txt"],
+                                   message="conflict in shared.txt")
+            return MergeOutput(merged=True, commit="a" * 40, message=f"merged {input.step}")
+
+        @activity.defn(name=ActivityName.CLEANUP_STEP.value)
+        async def cleanup_step(input: CleanupInput) -> CleanupOutput:
+            s.calls.append((ActivityName.CLEANUP_STEP.value, input))
+            return CleanupOutput(removed=True)
+
+        @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)
+        async def complete_directive(input: CompleteInput) -> CompleteOutput:
+            s.calls.append((ActivityName.COMPLETE_DIRECTIVE.value, input))
+            return CompleteOutput(completion="branch", message="left for review")
+
+        @activity.defn(name=ActivityName.RECORD_EVENTS.value)
+        async def record_events(input: RecordInput) -> RecordOutput:
+            s.events.extend(input.events)
+            return RecordOutput(written=len(input.events))
+
+        return [prepare_repository, plan_directive, execute_step, checkout_step, evaluate_step,
+                merge_step, cleanup_step, complete_directive, record_events]
+
+
+def engine_worker(client: Client, task_queue: str, activities: list[Callable[..., Any]]) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[DirectiveWorkflow, StepWorkflow],
+        activities=activities,
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+        default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+    )
+
+
+async def start(client: Client, task_queue: str, spec: DirectiveSpec,
+                directive_id: str | None = None) -> WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        DirectiveWorkflow.run, spec, id=directive_id or f"directive-test-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue, execution_timeout=timedelta(hours=6))
+
+
+async def status(handle: WorkflowHandle[Any, Any]) -> DirectiveSnapshot:
+    return await handle.query(DirectiveWorkflow.status)
+
+
+async def wait_until(handle: WorkflowHandle[Any, Any],
+                     predicate: Callable[[DirectiveSnapshot], bool],
+                     timeout: float = 30.0) -> DirectiveSnapshot:
+    """Poll the status query (which never skips time) until the predicate holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        snapshot = await status(handle)
+        if predicate(snapshot):
+            return snapshot
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not reached in {timeout}s; last status: "
+                                 f"{snapshot.model_dump_json(indent=1)}")
+        await asyncio.sleep(0.05)
+
+
+def step_status(snapshot: DirectiveSnapshot, name: str) -> str:
+    return next(s.status.value for s in snapshot.steps if s.name == name)
+
+
+async def save_history(handle: WorkflowHandle[Any, Any], client: Client, name: str) -> None:
+    """With MAKIMA_RECORD_HISTORIES=1, keep the run's history as replay fixtures in
+    tests/histories/: every run of a continued-as-new chain, and every step child."""
+    if os.environ.get("MAKIMA_RECORD_HISTORIES") != "1":
+        return
+    HISTORIES.mkdir(exist_ok=True)
+    run_id = handle.first_execution_run_id or handle.result_run_id
+    index = 0
+    children: list[tuple[str, str]] = []
+    while run_id:
+        history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+        fixture = {"workflow_id": handle.id, "history": history.to_json_dict()}
+        (HISTORIES / f"{name}-{index}.json").write_text(json.dumps(fixture))
+        for event in history.events:
+            if event.HasField("child_workflow_execution_started_event_attributes"):
+                started = event.child_workflow_execution_started_event_attributes
+                children.append((started.workflow_execution.workflow_id,
+                                 started.workflow_execution.run_id))
+        last = history.events[-1]
+        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else None)
+        index += 1
+    for number, (child_id, child_run) in enumerate(children):
+        history = await client.get_workflow_handle(child_id, run_id=child_run).fetch_history()
+        fixture = {"workflow_id": child_id, "history": history.to_json_dict()}
+        (HISTORIES / f"{name}-step{number}.json").write_text(json.dumps(fixture))

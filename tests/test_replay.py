@@ -1,0 +1,47 @@
+"""Replay gate: recorded histories of the engine scenarios must replay against
+the current workflow code. A change that would replay differently (a new
+command, a reordered one) fails here; such a change belongs behind
+`workflow.patched(...)`.
+
+Regenerate the fixtures after an intended, patched change with
+`MAKIMA_RECORD_HISTORIES=1 .venv/bin/pytest tests/test_directive_workflow.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.directive import DirectiveWorkflow
+from workflows.step import StepWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_every_scenario_has_a_recorded_history() -> None:
+    names = {p.name.rsplit("-", 1)[0] for p in HISTORIES if "-step" not in p.name}
+    expected = {"fanout", "rework", "replan", "replan-budget", "approval", "deny", "pause",
+                "stop", "cost-breaker", "wall-time", "update-goal", "invalid-plan", "reevaluate"}
+    assert expected <= names, f"missing histories: {sorted(expected - names)}"
+    # re-plan and goal change continue as new: their second run is recorded too
+    assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}
+    # and every step child, whose code the directive's own history does not replay
+    assert len([p for p in HISTORIES if "-step" in p.name]) >= 20
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
+async def test_recorded_history_replays(path: Path) -> None:
+    fixture = load(path)
+    history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
+    replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
+                        data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)

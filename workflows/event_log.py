@@ -1,0 +1,91 @@
+"""The workflows' side of the audit trail: number events, batch them, and hand
+them to the `record_events` activity without making the orchestration wait.
+
+Events added between two awaits go out together in one activity (one round
+trip to Postgres); the workflow only waits for them before it returns or
+continues as new, so recording never sits on the path from one step to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from makima.constants import RECENT_EVENTS, RECORD_RETRY_POLICY, RECORD_TIMEOUT
+    from makima.contracts import ActivityName, Event, EventType, RecordInput, RecordOutput, Severity
+    from makima.models import EventSummary
+
+
+class EventLog:
+    def __init__(self, directive_id: str, source: str, last_seq: int = 0) -> None:
+        self.directive_id = directive_id
+        self.source = source
+        self.seq = last_seq
+        self.recent: deque[EventSummary] = deque(maxlen=RECENT_EVENTS)
+        self._buffer: list[Event] = []
+        self._in_flight: list[asyncio.Future[RecordOutput]] = []
+
+    def add(
+        self,
+        type: EventType,
+        message: str = "",
+        *,
+        generation: int,
+        step: str | None = None,
+        attempt: int | None = None,
+        data: dict[str, Any] | None = None,
+        severity: Severity = Severity.INFO,
+        actor: str = "makima",
+    ) -> None:
+        self.seq += 1
+        event = Event(
+            directive_id=self.directive_id,
+            source=self.source,
+            seq=self.seq,
+            at=workflow.now(),
+            type=type,
+            severity=severity,
+            generation=generation,
+            step=step,
+            attempt=attempt,
+            actor=actor,
+            message=message,
+            data=data or {},
+        )
+        self._buffer.append(event)
+        self.recent.append(
+            EventSummary(seq=event.seq, at=event.at, type=type.value, step=step, message=message)
+        )
+
+    def flush(self) -> None:
+        """Send what is buffered, without waiting for it to be written."""
+        self._in_flight = [f for f in self._in_flight if not f.done()]
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        first, last = batch[0], batch[-1]
+        self._in_flight.append(
+            workflow.start_activity(
+                ActivityName.RECORD_EVENTS.value,
+                RecordInput(events=batch),
+                result_type=RecordOutput,
+                start_to_close_timeout=RECORD_TIMEOUT,
+                retry_policy=RECORD_RETRY_POLICY,
+                summary=f"events {first.seq}-{last.seq}: {first.type.value}"[:200],
+            )
+        )
+
+    async def drain(self) -> None:
+        """Send what is buffered and wait until every batch is written."""
+        self.flush()
+        pending, self._in_flight = self._in_flight, []
+        for future in pending:
+            try:
+                await future
+            except ActivityError as err:  # only on cancellation: retries are unlimited
+                workflow.logger.warning("recording events did not finish: %s", err)

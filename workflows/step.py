@@ -1,0 +1,388 @@
+"""StepWorkflow: one step of a directive's generation, attempt after attempt.
+
+execute (agent) → evaluate (checks + judge) → decide with the pure policy:
+green → merge and pass; yellow → pass under full autonomy, else wait for a
+person's decision relayed by the parent; red → rework with the evaluator's
+instructions while rework cycles remain, else blocked. A merge conflict is a
+red result that names the files. Progress (status, attempt, score, spend) is
+reported to the parent directive with a signal so its `status` query and cost
+breaker stay current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, CancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from makima import constants as c
+    from makima.contracts import (
+        ActivityName,
+        CheckoutInput,
+        CleanupInput,
+        CleanupOutput,
+        EvaluateInput,
+        EventType,
+        ExecuteInput,
+        ExecuteOutput,
+        MergeInput,
+        MergeOutput,
+        PauseState,
+        ReworkContext,
+        Severity,
+        StepDecision,
+        StepInput,
+        StepProgress,
+        StepResult,
+    )
+    from makima.models import Confidence, Evaluation, StepStatus, Usage
+    from makima.policy import (
+        Decision,
+        confidence_for,
+        decide,
+        failed_execution_evaluation,
+        merge_conflict_evaluation,
+    )
+    from workflows.event_log import EventLog
+
+PROGRESS_SIGNAL = "step_progress"
+
+
+def _reraise_if_cancelled(err: ActivityError) -> None:
+    """An activity cancelled because this workflow was cancelled ends the workflow
+    as cancelled, not as a failed step."""
+    if isinstance(err.cause, CancelledError):
+        raise asyncio.CancelledError(str(err.cause))
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost message of an activity failure: what actually went wrong."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) or type(err).__name__
+
+
+def _trimmed(execution: ExecuteOutput) -> dict[str, Any]:
+    data = execution.model_dump(mode="json")
+    data["output_tail"] = execution.output_tail[-c.MAX_TEXT_IN_HISTORY :]
+    data["diff_stat"] = execution.diff_stat[-c.MAX_TEXT_IN_HISTORY :]
+    return data
+
+
+@workflow.defn(name="StepWorkflow")
+class StepWorkflow:
+    def __init__(self) -> None:
+        self._paused = False
+        self._decision: StepDecision | None = None
+        self._reevaluate_requested = False
+        self._status = StepStatus.PENDING
+        self._attempt = 0
+        self._progress_seq = 0
+        self._reported = Usage()
+        self._rework_count = 0
+        self._usage = Usage()
+        self._signals: list[Awaitable[None]] = []
+
+    # ------------------------------------------------------------------ messages from the parent
+
+    @workflow.signal(name="set_paused")
+    def set_paused(self, state: PauseState) -> None:
+        self._paused = state.paused
+
+    @workflow.signal(name="decide")
+    def decide(self, decision: StepDecision) -> None:
+        if self._status is StepStatus.AWAITING_APPROVAL and self._decision is None:
+            self._decision = decision
+
+    @workflow.signal(name="reevaluate")
+    def reevaluate(self) -> None:
+        if self._status is StepStatus.AWAITING_APPROVAL:
+            self._reevaluate_requested = True
+
+    @workflow.query(name="status")
+    def status(self) -> StepProgress:
+        return StepProgress(
+            name=self._input.step.name,
+            generation=self._input.generation,
+            status=self._status,
+            attempt=self._attempt,
+            usage=self._usage,
+        )
+
+    # ------------------------------------------------------------------ run
+
+    @workflow.run
+    async def run(self, input: StepInput) -> StepResult:
+        self._input = input
+        self._paused = input.paused
+        self._log = EventLog(input.directive_id, workflow.info().workflow_id)
+        try:
+            result = await self._attempts()
+        except asyncio.CancelledError:
+            self._status = StepStatus.CANCELLED
+            await self._cleanup()
+            await self._settle()
+            raise
+        await self._cleanup()
+        await self._settle()
+        return result
+
+    async def _attempts(self) -> StepResult:
+        spec = self._input.spec
+        attempt = self._input.first_attempt
+        self._rework_count = self._input.rework_count
+        rework: ReworkContext | None = None
+        checkout = self._input.reevaluate
+        evaluation: Evaluation | None = None
+        execution: ExecuteOutput | None = None
+
+        while True:
+            self._attempt = attempt
+            await self._unpaused()
+            self._event(EventType.ATTEMPT_STARTED, f"attempt {attempt}", data={
+                "workflow_id": workflow.info().workflow_id,
+                "rework": rework.model_dump(mode="json") if rework else None,
+                "checkout": checkout,
+            })
+            if attempt > self._input.first_attempt:
+                self._report(StepStatus.RUNNING)
+            try:
+                execution = await (self._checkout(attempt) if checkout else self._execute(attempt, rework))
+            except ActivityError as err:
+                _reraise_if_cancelled(err)
+                return self._failed(f"the agent could not run attempt {attempt}: {_cause(err)}",
+                                    "execute_step")
+            checkout = False
+            self._usage += execution.usage
+            self._event(EventType.ATTEMPT_FINISHED,
+                        f"attempt {attempt} {'finished' if execution.success else 'failed'}",
+                        data=_trimmed(execution))
+
+            if execution.success:
+                await self._unpaused()
+                self._report(StepStatus.EVALUATING)
+                try:
+                    evaluation = await self._evaluate(attempt, execution)
+                except ActivityError as err:
+                    _reraise_if_cancelled(err)
+                    # never pass a step whose evaluation could not be made
+                    return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
+                                        "evaluate_step", execution)
+                self._usage += evaluation.usage
+            else:
+                evaluation = failed_execution_evaluation(
+                    execution.exit_code, execution.output_tail, execution.summary
+                )
+            confidence = confidence_for(evaluation.score, spec.thresholds)
+            evaluation = evaluation.model_copy(update={"confidence": confidence})
+            self._event(EventType.EVALUATION, f"{confidence.value} {evaluation.score:.2f}",
+                        data=evaluation.model_dump(mode="json"))
+
+            decision = decide(confidence, spec.autonomy, self._rework_count,
+                              spec.budgets.max_rework_cycles)
+            if decision is Decision.AWAIT_APPROVAL:
+                self._report(StepStatus.AWAITING_APPROVAL, evaluation)
+                self._decision = None
+                self._reevaluate_requested = False
+                self._log.flush()
+                await workflow.wait_condition(
+                    lambda: self._decision is not None or self._reevaluate_requested
+                )
+                if self._reevaluate_requested:
+                    attempt += 1
+                    checkout = True
+                    continue
+                assert self._decision is not None
+                if not self._decision.approved:
+                    by, comment = self._decision.by, self._decision.comment
+                    return self._result(StepStatus.BLOCKED, evaluation, execution, reason=(
+                        f"denied by {by}" + (f": {comment}" if comment else "")))
+                decision = Decision.PASS
+
+            if decision is Decision.PASS:
+                merge = await self._merge(attempt, execution)
+                if merge is None:
+                    return self._failed("merging the step's branch failed", "merge_step", execution)
+                if merge.merged:
+                    self._event(EventType.MERGED, merge.message or "merged",
+                                data=merge.model_dump(mode="json"))
+                    return self._result(StepStatus.PASSED, evaluation, execution,
+                                        commit=merge.commit or execution.commit)
+                self._event(EventType.MERGE_CONFLICT, merge.message, severity=Severity.WARNING,
+                            data=merge.model_dump(mode="json"))
+                evaluation = merge_conflict_evaluation(merge.conflict_files, merge.message)
+                decision = decide(Confidence.RED, spec.autonomy, self._rework_count,
+                                  spec.budgets.max_rework_cycles)
+
+            if decision is Decision.REWORK:
+                self._rework_count += 1
+                attempt += 1
+                rework = ReworkContext(
+                    attempt=attempt,
+                    score=evaluation.score,
+                    feedback=evaluation.summary[: c.MAX_TEXT_IN_HISTORY],
+                    instructions=evaluation.rework_instructions[: c.MAX_TEXT_IN_HISTORY],
+                )
+                self._report(StepStatus.REWORK, evaluation)
+                continue
+
+            return self._result(StepStatus.BLOCKED, evaluation, execution, reason=(
+                f"rework budget spent ({self._rework_count} of {spec.budgets.max_rework_cycles} cycles); "
+                f"last evaluation: {evaluation.summary}"[: c.MAX_TEXT_IN_HISTORY]))
+
+    # ------------------------------------------------------------------ activities
+
+    async def _execute(self, attempt: int, rework: ReworkContext | None) -> ExecuteOutput:
+        self._log.flush()
+        i = self._input
+        return await workflow.execute_activity(
+            ActivityName.EXECUTE_STEP.value,
+            ExecuteInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
+                         step=i.step, attempt=attempt, integration_branch=i.integration_branch,
+                         rework=rework),
+            result_type=ExecuteOutput,
+            start_to_close_timeout=c.EXECUTE_TIMEOUT,
+            heartbeat_timeout=c.AGENT_HEARTBEAT_TIMEOUT,
+            retry_policy=c.EXECUTE_RETRY_POLICY,
+            summary=f"{i.step.name}: attempt {attempt}",
+        )
+
+    async def _checkout(self, attempt: int) -> ExecuteOutput:
+        self._log.flush()
+        i = self._input
+        return await workflow.execute_activity(
+            ActivityName.CHECKOUT_STEP.value,
+            CheckoutInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
+                          step=i.step.name, attempt=attempt,
+                          integration_branch=i.integration_branch),
+            result_type=ExecuteOutput,
+            start_to_close_timeout=c.GIT_TIMEOUT,
+            retry_policy=c.GIT_RETRY_POLICY,
+            summary=f"{i.step.name}: check out for re-evaluation",
+        )
+
+    async def _evaluate(self, attempt: int, execution: ExecuteOutput) -> Evaluation:
+        self._log.flush()
+        i = self._input
+        return await workflow.execute_activity(
+            ActivityName.EVALUATE_STEP.value,
+            EvaluateInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
+                          step=i.step, attempt=attempt, integration_branch=i.integration_branch,
+                          execution=execution),
+            result_type=Evaluation,
+            start_to_close_timeout=c.EVALUATE_TIMEOUT,
+            heartbeat_timeout=c.EVALUATE_HEARTBEAT_TIMEOUT,
+            retry_policy=c.EVALUATE_RETRY_POLICY,
+            summary=f"{i.step.name}: evaluate attempt {attempt}",
+        )
+
+    async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
+        self._log.flush()
+        i = self._input
+        try:
+            return await workflow.execute_activity(
+                ActivityName.MERGE_STEP.value,
+                MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
+                           integration_branch=i.integration_branch, step=i.step.name,
+                           attempt=attempt, branch=execution.branch, commit=execution.commit),
+                result_type=MergeOutput,
+                start_to_close_timeout=c.GIT_TIMEOUT,
+                retry_policy=c.GIT_RETRY_POLICY,
+                summary=f"{i.step.name}: merge",
+            )
+        except ActivityError as err:
+            self._event(EventType.ACTIVITY_FAILED, _cause(err), severity=Severity.ERROR,
+                        data={"activity": "merge_step", "error": _cause(err)})
+            return None
+
+    async def _cleanup(self) -> None:
+        self._log.flush()
+        i = self._input
+        try:
+            await workflow.execute_activity(
+                ActivityName.CLEANUP_STEP.value,
+                CleanupInput(directive_id=i.directive_id, repository=i.spec.repository,
+                             step=i.step.name),
+                result_type=CleanupOutput,
+                start_to_close_timeout=c.GIT_TIMEOUT,
+                retry_policy=c.GIT_RETRY_POLICY,
+                summary=f"{i.step.name}: remove worktrees",
+            )
+        except ActivityError as err:  # leftover worktrees cost disk, not correctness
+            workflow.logger.warning("cleanup of %s failed: %s", i.step.name, _cause(err))
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _unpaused(self) -> None:
+        self._log.flush()
+        if self._paused:
+            await workflow.wait_condition(lambda: not self._paused)
+
+    def _event(self, type: EventType, message: str = "", *, data: dict[str, Any] | None = None,
+               severity: Severity = Severity.INFO) -> None:
+        self._log.add(type, message, generation=self._input.generation,
+                      step=self._input.step.name, attempt=self._attempt or None, data=data,
+                      severity=severity)
+
+    def _report(self, status: StepStatus, evaluation: Evaluation | None = None) -> None:
+        """Tell the parent directive, without waiting (the signal is awaited before return)."""
+        self._status = status
+        parent = workflow.info().parent
+        if parent is None:
+            return
+        spent = Usage(cost_usd=round(self._usage.cost_usd - self._reported.cost_usd, 6))
+        self._reported = self._usage
+        self._progress_seq += 1
+        progress = StepProgress(
+            name=self._input.step.name,
+            generation=self._input.generation,
+            status=status,
+            attempt=self._attempt,
+            score=evaluation.score if evaluation else None,
+            confidence=evaluation.confidence if evaluation else None,
+            summary=(evaluation.summary if evaluation else "")[:2000],
+            usage=spent,
+            seq=self._progress_seq,
+            at=workflow.now(),
+        )
+        handle = workflow.get_external_workflow_handle(parent.workflow_id)
+        self._signals.append(asyncio.ensure_future(handle.signal(PROGRESS_SIGNAL, progress)))
+
+    async def _settle(self) -> None:
+        """Wait for reports and records in flight: nothing may be lost at return."""
+        for pending in self._signals:
+            try:
+                await pending
+            except Exception as err:  # the parent may be gone (stopped, terminated)
+                workflow.logger.warning("progress report not delivered: %s", err)
+        self._signals.clear()
+        await self._log.drain()
+
+    def _result(self, status: StepStatus, evaluation: Evaluation | None,
+                execution: ExecuteOutput | None, *, reason: str = "",
+                commit: str | None = None) -> StepResult:
+        self._status = status
+        return StepResult(
+            name=self._input.step.name,
+            status=status,
+            attempts=self._attempt,
+            rework_count=self._rework_count,
+            score=evaluation.score if evaluation else None,
+            confidence=evaluation.confidence if evaluation else None,
+            summary=(evaluation.summary if evaluation else "")[: c.MAX_TEXT_IN_HISTORY],
+            reason=reason,
+            branch=execution.branch if execution else "",
+            commit=commit or (execution.commit if execution else None),
+            usage=self._usage,
+        )
+
+    def _failed(self, reason: str, activity: str,
+                execution: ExecuteOutput | None = None) -> StepResult:
+        self._event(EventType.ACTIVITY_FAILED, reason, severity=Severity.ERROR,
+                    data={"activity": activity, "error": reason})
+        return self._result(StepStatus.FAILED, None, execution, reason=reason)
+
