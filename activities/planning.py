@@ -1,0 +1,101 @@
+"""The planning activity: ask the planner model for a `Plan` (first plan, re-plan,
+or correction of an invalid plan). Plan validity (cycles, unknown dependencies,
+size) is the workflow's business (makima.dag); here the answer only has to
+parse as a Plan.
+
+Also home of `llm_application_error`, the translation of makima's LLM errors
+into Temporal's ApplicationError that both LLM activities use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from makima.constants import MAX_TEXT_IN_HISTORY
+from makima.contracts import ActivityName, PlanInput, PlanOutput
+from makima.errors import LLMError, LLMRetryableError
+from makima.llm.client import LLMClient
+from makima.llm.structured import LLMOutputInvalid, structured_call
+from makima.models import Plan
+from makima.prompts.context import cached_context_block
+from makima.prompts.planning import (
+    PLAN_TOOL,
+    PLAN_TOOL_DESCRIPTION,
+    planning_request,
+    planning_system,
+)
+
+PLAN_MAX_TOKENS = 16_000
+
+
+def llm_application_error(error: LLMError) -> ApplicationError:
+    """Retryable errors stay retryable (with the server's retry-after as the next
+    retry delay); fatal ones are non-retryable. An answer that never validated
+    keeps the model's raw text and what it cost as the error's first detail
+    (`{"raw_text": ..., "usage": {...}}`) for the event log and the cost breaker."""
+    details: list[Any] = []
+    if isinstance(error, LLMOutputInvalid):
+        details.append({"raw_text": error.raw_text[:MAX_TEXT_IN_HISTORY],
+                        "usage": error.usage.model_dump(mode="json")})
+    delay = None
+    if isinstance(error, LLMRetryableError) and error.retry_after is not None:
+        delay = timedelta(seconds=error.retry_after)
+    return ApplicationError(
+        str(error),
+        *details,
+        type=type(error).__name__,
+        non_retryable=error.non_retryable,
+        next_retry_delay=delay,
+    )
+
+
+def llm_not_configured(role: str) -> ApplicationError:
+    return ApplicationError(
+        f"{role} needs an LLM but ANTHROPIC_API_KEY is not set on the worker. Set it in the "
+        "worker's environment"
+        + (" or give the directive a `plan`" if role == "planning" else
+           " or use `evaluator: programmatic`") + ".",
+        type="LLMNotConfigured",
+        non_retryable=True,
+    )
+
+
+class PlanningActivities:
+    """`llm` is None when no API key is configured; planning then fails with a
+    message saying so (a directive with its own plan never calls it)."""
+
+    def __init__(self, llm: LLMClient | None) -> None:
+        self.llm = llm
+
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.plan_directive]
+
+    @activity.defn(name=ActivityName.PLAN_DIRECTIVE.value)
+    async def plan_directive(self, request: PlanInput) -> PlanOutput:
+        if self.llm is None:
+            raise llm_not_configured("planning")
+        spec = request.spec
+        model = spec.models.planner or self.llm.planner_model
+        try:
+            result = await structured_call(
+                self.llm,
+                output_type=Plan,
+                tool_name=PLAN_TOOL,
+                tool_description=PLAN_TOOL_DESCRIPTION,
+                model=model,
+                system=[
+                    {"type": "text", "text": planning_system()},
+                    cached_context_block(spec),
+                ],
+                messages=[{"role": "user", "content": planning_request(request)}],
+                max_tokens=PLAN_MAX_TOKENS,
+            )
+        except LLMError as exc:
+            raise llm_application_error(exc) from exc
+        return PlanOutput(plan=result.value, usage=result.usage,
+                          raw_text=result.raw_text[:MAX_TEXT_IN_HISTORY])

@@ -1,0 +1,245 @@
+"""Composite evaluation of a step attempt: the programmatic checks (the step's
+`verify` commands and the repository's own test commands, detected from its
+files), run in the attempt's worktree, and the rule that combines them with the
+LLM judge's score into one score and confidence.
+
+The rule (`composite_score`):
+
+- With an LLM judge: the score is the judge's score. The judge sees every check's
+  command, exit code and output, so it already weighs them; on top of that, a
+  failing *required* check caps the score just below the yellow threshold
+  (`yellow - REQUIRED_FAILURE_MARGIN`), so an attempt whose tests fail is always
+  red and goes back for rework, whatever the judge thought.
+- Programmatic only (no ANTHROPIC_API_KEY with `evaluator: auto`, or
+  `evaluator: programmatic`): the score is the fraction of checks that passed,
+  with the same cap when a required check failed.
+- No checks and no judge: nothing verified the attempt, so it is neither passed
+  automatically nor sent back with nothing to fix. The score is exactly the
+  yellow threshold: under `guarded` autonomy a person approves or denies it;
+  under `full_auto` it passes as yellow. Add `verify` commands to a step to
+  get a real verdict without an LLM.
+
+Confidence then follows `makima.policy.confidence_for` (green ≥ green
+threshold, yellow ≥ yellow threshold, else red); `passed` means green.
+
+Auto-detected checks (each only when the repository has it and the tool is
+installed on the worker): pytest (test files `test_*.py` / `*_test.py`),
+`npm test` (a package.json with a real `test` script), `cargo test`
+(Cargo.toml), `go test ./...` (go.mod), `make test` (a Makefile with a `test`
+target). All checks are required. MAKIMA_AUTO_CHECKS=0 turns detection off;
+MAKIMA_CHECK_TIMEOUT sets the seconds each check may run (default 600).
+
+Commands run through `/bin/sh -c` in the worktree (makima.process: own process
+group, killed on timeout or cancellation, bounded output) with CI=1 and without
+the worker's Anthropic credentials in their environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from makima.models import CheckResult, CriterionResult, Thresholds
+from makima.process import run_process, truncate_tail
+
+#: How much of a check's output an Evaluation keeps (the end, where failures are).
+OUTPUT_TAIL_CHARS = 4000
+DEFAULT_CHECK_TIMEOUT_SECONDS = 600.0
+#: A failing required check scores at most this far below the yellow threshold.
+REQUIRED_FAILURE_MARGIN = 0.01
+#: How much of the diff the judge sees.
+MAX_DIFF_CHARS = 60_000
+#: Variables a repository's test suite has no business seeing.
+_SECRET_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+_NPM_PLACEHOLDER_TEST = 'echo "Error: no test specified" && exit 1'
+_SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "target", "dist", "build", "__pycache__"}
+
+
+class JudgeVerdict(BaseModel):
+    """What the LLM judge answers (the input schema of its tool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: float = Field(ge=0.0, le=1.0, description="0.0 (not done) to 1.0 (fully done)")
+    summary: str = Field(description="what the attempt achieved and what is missing, briefly")
+    criteria: list[CriterionResult] = Field(
+        default_factory=list, description="one result per criterion or task-plan demand checked"
+    )
+    rework_instructions: str = Field(
+        "", description="when not complete: exactly what the agent must change next"
+    )
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _files(root: Path, limit: int = 20_000) -> Iterator[Path]:
+    """Files under root, skipping vendored and build folders, at most `limit`."""
+    count = 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+        for name in names:
+            count += 1
+            if count > limit:
+                return
+            yield Path(folder) / name
+
+
+def _pytest_command() -> str | None:
+    # The worker's own Python first: a `pytest` found on PATH may be a version
+    # manager's shim that fails for reasons unrelated to the repository.
+    if importlib.util.find_spec("pytest") is not None:
+        return f"{shlex.quote(sys.executable)} -m pytest -q"
+    if shutil.which("pytest"):
+        return "pytest -q"
+    return None
+
+
+def _has_make_test_target(makefile: Path) -> bool:
+    try:
+        text = makefile.read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"^test\s*:", text, re.MULTILINE) is not None
+
+
+def detect_checks(worktree: Path) -> list[str]:
+    """The repository's own test commands, each only when the repository has it
+    and its tool is installed here."""
+    commands: list[str] = []
+    if any(re.fullmatch(r"test_.*\.py|.*_test\.py", p.name) for p in _files(worktree)):
+        pytest_command = _pytest_command()
+        if pytest_command:
+            commands.append(pytest_command)
+    package = worktree / "package.json"
+    if package.is_file() and shutil.which("npm"):
+        try:
+            script = (json.loads(package.read_text()).get("scripts") or {}).get("test")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            script = None
+        if script and script.strip() != _NPM_PLACEHOLDER_TEST:
+            commands.append("npm test")
+    if (worktree / "Cargo.toml").is_file() and shutil.which("cargo"):
+        commands.append("cargo test")
+    if (worktree / "go.mod").is_file() and shutil.which("go"):
+        commands.append("go test ./...")
+    makefile = next((worktree / n for n in ("GNUmakefile", "makefile", "Makefile")
+                     if (worktree / n).is_file()), None)
+    if makefile is not None and shutil.which("make") and _has_make_test_target(makefile):
+        commands.append("make test")
+    return commands
+
+
+def checks_for(verify: list[str], worktree: Path, *, auto_detect: bool = True) -> list[str]:
+    """The step's verify commands, then detected ones not already among them."""
+    commands = [c for c in verify if c.strip()]
+    if auto_detect:
+        commands += [c for c in detect_checks(worktree) if c not in commands]
+    return commands
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _check_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    env["CI"] = "1"  # test runners stay non-interactive (no watch mode, no prompts)
+    return env
+
+
+async def run_check(command: str, cwd: Path, *, timeout_seconds: float,
+                    required: bool = True) -> CheckResult:
+    """Run one check; a timeout or a failure to start gives exit_code None."""
+    started = time.monotonic()
+    try:
+        result = await run_process(["/bin/sh", "-c", command], cwd=cwd, env=_check_env(),
+                                   timeout_seconds=timeout_seconds)
+    except OSError as exc:
+        return CheckResult(command=command, exit_code=None, required=required,
+                           duration_seconds=round(time.monotonic() - started, 3),
+                           output_tail=f"could not start: {exc}")
+    return CheckResult(command=command, exit_code=result.exit_code, required=required,
+                       duration_seconds=round(result.duration_seconds, 3),
+                       output_tail=truncate_tail(result.output, OUTPUT_TAIL_CHARS))
+
+
+async def run_checks(
+    commands: list[str],
+    cwd: Path,
+    *,
+    timeout_seconds: float = DEFAULT_CHECK_TIMEOUT_SECONDS,
+    on_progress: Callable[[str], None] | None = None,
+) -> list[CheckResult]:
+    """Run the checks one after another (test suites often share files or ports)."""
+    results = []
+    for index, command in enumerate(commands, 1):
+        if on_progress:
+            on_progress(f"check {index}/{len(commands)}: {command}")
+        results.append(await run_check(command, cwd, timeout_seconds=timeout_seconds))
+    return results
+
+
+async def diff_against(worktree: Path, base: str, *, limit: int = MAX_DIFF_CHARS) -> str:
+    """`git diff <base>...HEAD` in the worktree (what the attempt changed since it
+    branched off), truncated; an explanation instead when git cannot say."""
+    process = await asyncio.create_subprocess_exec(
+        "git", "diff", "--no-color", "--no-ext-diff", f"{base}...HEAD",
+        cwd=worktree, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        return f"(git diff {base}...HEAD failed: {err.decode('utf-8', 'replace').strip()})"
+    text = out.decode("utf-8", "replace")
+    if len(text) > limit:
+        return text[:limit] + f"\n[... diff truncated: {len(text) - limit} more characters]"
+    return text
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def required_failures(checks: list[CheckResult]) -> list[CheckResult]:
+    return [c for c in checks if c.required and not c.passed]
+
+
+def composite_score(checks: list[CheckResult], judge_score: float | None,
+                    thresholds: Thresholds) -> float:
+    """One score from the checks and the judge (the rule in the module docstring)."""
+    if judge_score is not None:
+        score = judge_score
+    elif checks:
+        score = sum(c.passed for c in checks) / len(checks)
+    else:
+        score = thresholds.yellow
+    if required_failures(checks):
+        score = min(score, max(thresholds.yellow - REQUIRED_FAILURE_MARGIN, 0.0))
+    return round(min(max(score, 0.0), 1.0), 4)
+
+
+def check_summary(checks: list[CheckResult]) -> str:
+    if not checks:
+        return "no checks ran"
+    passed = sum(c.passed for c in checks)
+    return f"{passed}/{len(checks)} checks passed"
+
+
+def failing_checks_instructions(checks: list[CheckResult], tail: int = 1500) -> str:
+    """Rework instructions naming each failed required check and its output's end."""
+    parts = []
+    for check in required_failures(checks):
+        state = ("did not finish" if check.exit_code is None
+                 else f"exited with code {check.exit_code}")
+        parts.append(f"Make `{check.command}` pass (it {state}). End of its output:\n"
+                     f"{check.output_tail[-tail:].strip()}")
+    return "\n\n".join(parts)

@@ -1,0 +1,193 @@
+"""The one place that talks to the Anthropic Messages API: `LLMClient` built from
+the worker's environment, and the classification of every failure into
+makima's `LLMRetryableError` (try again later) or `LLMFatalError` (a person has
+to fix something; the message says what).
+
+Configuration (read by the worker, never from workflow input):
+
+    ANTHROPIC_API_KEY       required for LLM planning and judging
+    ANTHROPIC_BASE_URL      optional: a proxy or gateway (tests: a loopback server)
+    MAKIMA_PLANNER_MODEL    default DEFAULT_PLANNER_MODEL
+    MAKIMA_EVALUATOR_MODEL  default DEFAULT_EVALUATOR_MODEL
+    MAKIMA_LLM_TIMEOUT      seconds per request, default 300
+
+The SDK is built with `max_retries=0`: Temporal retries the activity, with the
+server's `retry-after` passed on as the next retry delay, so one retry policy
+governs every attempt and each attempt is visible in the workflow history.
+Prompts, schemas and parsing live elsewhere (makima/prompts, makima/llm/structured).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anthropic
+from anthropic import AsyncAnthropic
+from anthropic.types import Message
+
+from makima.errors import LLMError, LLMFatalError, LLMRetryableError
+
+DEFAULT_PLANNER_MODEL = "claude-opus-5-5"
+DEFAULT_EVALUATOR_MODEL = "claude-sonnet-5-5"
+DEFAULT_TIMEOUT_SECONDS = 300.0
+#: A server asking for a longer pause than this is waited for this long; the
+#: activity's retry policy still bounds the number of attempts.
+MAX_RETRY_AFTER_SECONDS = 600.0
+
+
+class LLMClient:
+    """The Anthropic async client plus the models the worker uses by default.
+
+    Built once in worker.py (`llm_from_env()`) and handed to the planning and
+    evaluation activity classes; tests build it against tests/messages_server.py.
+    """
+
+    def __init__(
+        self,
+        anthropic_client: AsyncAnthropic,
+        *,
+        planner_model: str = DEFAULT_PLANNER_MODEL,
+        evaluator_model: str = DEFAULT_EVALUATOR_MODEL,
+    ) -> None:
+        self.anthropic = anthropic_client
+        self.planner_model = planner_model
+        self.evaluator_model = evaluator_model
+
+    @property
+    def base_url(self) -> str:
+        return str(self.anthropic.base_url)
+
+    async def create_message(self, **params: Any) -> Message:
+        """`messages.create(**params)`, with every failure turned into an LLMError."""
+        try:
+            return await self.anthropic.messages.create(**params)
+        except anthropic.AnthropicError as exc:
+            raise classify_error(exc, model=params.get("model"), base_url=self.base_url) from exc
+
+    async def close(self) -> None:
+        await self.anthropic.close()
+
+
+def llm_from_env(env: Mapping[str, str] | None = None) -> LLMClient | None:
+    """An LLMClient configured from the environment, or None when no
+    ANTHROPIC_API_KEY is set (planning then needs a plan in the spec and
+    evaluation is programmatic)."""
+    env = os.environ if env is None else env
+    api_key = (env.get("ANTHROPIC_API_KEY") or "").strip()
+    if not api_key:
+        return None
+    timeout_text = env.get("MAKIMA_LLM_TIMEOUT") or ""
+    try:
+        timeout = float(timeout_text) if timeout_text else DEFAULT_TIMEOUT_SECONDS
+    except ValueError:
+        raise LLMFatalError(
+            f"MAKIMA_LLM_TIMEOUT must be a number of seconds, got {timeout_text!r}"
+        ) from None
+    client = AsyncAnthropic(
+        api_key=api_key,
+        base_url=(env.get("ANTHROPIC_BASE_URL") or "").strip() or None,
+        max_retries=0,  # Temporal owns retries
+        timeout=timeout,
+    )
+    return LLMClient(
+        client,
+        planner_model=(env.get("MAKIMA_PLANNER_MODEL") or "").strip() or DEFAULT_PLANNER_MODEL,
+        evaluator_model=(env.get("MAKIMA_EVALUATOR_MODEL") or "").strip()
+        or DEFAULT_EVALUATOR_MODEL,
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def classify_error(exc: BaseException, *, model: str | None = None,
+                   base_url: str = "") -> LLMError:
+    """Retryable: rate limit (429), overload (529), other 5xx, 408/409, timeouts
+    and connection failures. Fatal: everything a retry cannot fix (400, 401,
+    402, 403, 404, 413, 422 ...), with a message saying what to change."""
+    model_text = f"model {model!r}" if model else "the model"
+    if isinstance(exc, anthropic.APITimeoutError):
+        return LLMRetryableError(f"the Anthropic API did not answer in time ({base_url})")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return LLMRetryableError(
+            f"could not reach the Anthropic API at {base_url}: {exc}; check the network "
+            "and ANTHROPIC_BASE_URL"
+        )
+    if not isinstance(exc, anthropic.APIStatusError):
+        return LLMFatalError(f"the Anthropic client failed before sending a request: {exc}")
+
+    status = exc.status_code
+    detail = _api_message(exc)
+    retry_after = retry_after_seconds(exc.response.headers)
+    if status == 429:
+        return LLMRetryableError(f"rate limited by the Anthropic API (429): {detail}", retry_after)
+    if status == 529:
+        return LLMRetryableError(f"the Anthropic API is overloaded (529): {detail}", retry_after)
+    if status >= 500 or status in (408, 409):
+        return LLMRetryableError(f"the Anthropic API failed ({status}): {detail}", retry_after)
+    if status == 401:
+        return LLMFatalError(
+            f"ANTHROPIC_API_KEY is missing or invalid: the Anthropic API rejected it (401: "
+            f"{detail}). Set a valid key in the worker's environment and restart it."
+        )
+    if status == 403:
+        return LLMFatalError(
+            f"the API key is not allowed to use {model_text} (403: {detail}). Use a key with "
+            "access, or choose another model (MAKIMA_PLANNER_MODEL / MAKIMA_EVALUATOR_MODEL "
+            "or the directive's models.planner / models.evaluator)."
+        )
+    if status == 404:
+        return LLMFatalError(
+            f"{model_text} or the endpoint was not found (404: {detail}). Check the model name "
+            "(MAKIMA_PLANNER_MODEL / MAKIMA_EVALUATOR_MODEL or the directive's models.*) and "
+            f"ANTHROPIC_BASE_URL ({base_url})."
+        )
+    if status == 402:
+        return LLMFatalError(
+            f"the Anthropic account cannot pay for this request (402: {detail}). Check billing."
+        )
+    if status == 413:
+        return LLMFatalError(
+            f"the request is too large for the Anthropic API (413: {detail}). Shorten the "
+            "directive (goal, requirements) or the step's task plan."
+        )
+    return LLMFatalError(
+        f"the Anthropic API rejected the request for {model_text} ({status}: {detail}). "
+        "Check the model name and the directive's content."
+    )
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The pause a 429/529 asks for: `retry-after-ms`, else `retry-after` in
+    seconds or as an HTTP date; None when absent or unreadable."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    seconds: float | None = None
+    if "retry-after-ms" in lowered:
+        try:
+            seconds = float(lowered["retry-after-ms"]) / 1000
+        except ValueError:
+            seconds = None
+    if seconds is None and "retry-after" in lowered:
+        text = lowered["retry-after"].strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parsed = email.utils.parsedate_tz(text)
+            if parsed is not None:
+                seconds = email.utils.mktime_tz(parsed) - time.time()
+    if seconds is None:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _api_message(exc: anthropic.APIStatusError) -> str:
+    message = getattr(exc, "api_message", None)
+    if not message and isinstance(exc.body, dict):
+        error = exc.body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+    return str(message or exc.message)

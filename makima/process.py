@@ -1,0 +1,179 @@
+"""Running a command the way an agent's work must be run: in its own process
+group (so it and everything it starts can be killed together), with a timeout,
+and with its output kept as a bounded tail (a command that prints 50 MB costs a
+few kilobytes of memory, not 50 MB).
+
+Cancellation of the awaiting task (a Temporal activity cancel) kills the whole
+group: SIGTERM, then SIGKILL after `KILL_GRACE_SECONDS`. Nothing here knows
+about Temporal or git.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: How long a group gets between SIGTERM and SIGKILL.
+KILL_GRACE_SECONDS = 2.0
+#: Bytes of output kept in memory per command (the end of it).
+DEFAULT_TAIL_BYTES = 64 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class TailBuffer:
+    """The last `limit` bytes written to it, and how many bytes were dropped."""
+
+    def __init__(self, limit: int = DEFAULT_TAIL_BYTES) -> None:
+        self.limit = limit
+        self.total = 0
+        self._data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self._data += chunk
+        if len(self._data) > self.limit:
+            del self._data[: len(self._data) - self.limit]
+
+    @property
+    def dropped(self) -> int:
+        return self.total - len(self._data)
+
+    def text(self, max_chars: int | None = None) -> str:
+        """The kept output as text; when anything was cut, a first line says how much."""
+        text = self._data.decode("utf-8", "replace")
+        dropped = self.dropped
+        if max_chars is not None and len(text) > max_chars:
+            dropped += len(text[:-max_chars].encode("utf-8", "replace"))
+            text = text[-max_chars:]
+        if dropped:
+            return f"[… {dropped} bytes of earlier output truncated …]\n{text}"
+        return text
+
+
+def truncate_tail(text: str, max_chars: int) -> str:
+    """The end of `text`, at most about `max_chars` characters, marked when cut."""
+    if len(text) <= max_chars:
+        return text
+    return f"[… {len(text) - max_chars} characters truncated …]\n{text[-max_chars:]}"
+
+
+@dataclass
+class ProcessResult:
+    exit_code: int | None  # None: killed by the timeout
+    output: str  # the tail of stdout and stderr interleaved
+    timed_out: bool
+    duration_seconds: float
+    pid: int
+
+
+async def wait_for_exit(process: asyncio.subprocess.Process) -> int:
+    """The exit code of `process` once it exits.
+
+    Not `process.wait()`: asyncio's also waits until every holder of the output
+    pipe has closed it, so a background child left running would block it."""
+    while process.returncode is None:  # noqa: ASYNC110 (asyncio offers no exit-only event)
+        await asyncio.sleep(0.05)
+    return process.returncode
+
+
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|DATABASE_URL)", re.I)
+
+
+def agent_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment minus its secrets (API keys, tokens, passwords,
+    DATABASE_URL), for commands an agent or a plan chose. Names listed in
+    MAKIMA_AGENT_ENV_PASSTHROUGH (comma-separated) are kept anyway."""
+    keep = {name.strip() for name in os.environ.get("MAKIMA_AGENT_ENV_PASSTHROUGH", "").split(",")
+            if name.strip()}
+    env = {name: value for name, value in os.environ.items()
+           if name in keep or not _SECRET_NAME.search(name)}
+    env.update(extra or {})
+    return env
+
+
+def kill_process_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group led by `pid`; a group that is gone already is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+async def terminate_group(process: asyncio.subprocess.Process,
+                          grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the group, SIGKILL it after `grace` seconds, and reap the leader.
+
+    The group, not only the leader: `bash -c 'sleep 600 & wait'` leaves the sleep
+    behind when only bash is killed."""
+    kill_process_group(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(wait_for_exit(process), grace)
+    except TimeoutError:
+        pass
+    # Children may outlive a leader that obeyed SIGTERM; SIGKILL whatever is left.
+    kill_process_group(process.pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wait_for_exit(process), grace)
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str,
+    env: Mapping[str, str] | None = None,
+    timeout_seconds: float | None = None,
+    tail_bytes: int = DEFAULT_TAIL_BYTES,
+    on_start: Callable[[int], None] | None = None,
+) -> ProcessResult:
+    """Run `argv` in a new session (its own process group), stdin closed, stdout and
+    stderr merged into one bounded tail. A timeout kills the group and returns
+    `exit_code=None, timed_out=True`; cancellation kills the group and re-raises."""
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=str(cwd),
+        env=dict(env) if env is not None else None,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    if on_start is not None:
+        on_start(process.pid)
+    tail = TailBuffer(tail_bytes)
+
+    async def pump() -> None:
+        assert process.stdout is not None
+        while chunk := await process.stdout.read(_READ_CHUNK):
+            tail.write(chunk)
+
+    reader = asyncio.create_task(pump())
+    timed_out = False
+    exit_code: int | None
+    try:
+        exit_code = await asyncio.wait_for(wait_for_exit(process), timeout_seconds)
+    except TimeoutError:
+        timed_out = True
+        exit_code = None
+        await terminate_group(process)
+    except BaseException:
+        # Cancelled (or anything unexpected): never leave the group running.
+        await asyncio.shield(terminate_group(process))
+        reader.cancel()
+        raise
+    # The leader is gone; whatever it left running in its group goes too (a stray
+    # background child would otherwise hold the output pipe open forever).
+    kill_process_group(process.pid, signal.SIGKILL)
+    try:
+        await asyncio.wait_for(reader, 5.0)
+    except TimeoutError:
+        pass  # a grandchild that left the group still holds the pipe: stop reading
+    output = tail.text()
+    if timed_out:
+        output += f"\n[killed: timed out after {timeout_seconds:g} s]"
+    return ProcessResult(exit_code, output, timed_out, time.monotonic() - started, process.pid)
