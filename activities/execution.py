@@ -1,0 +1,344 @@
+"""The execution activities: prepare the repository, run a step attempt in its
+own worktree, check a hand-fixed step branch out for re-evaluation, merge a
+passed step, remove a step's worktrees, and complete the directive.
+
+Thin wrappers over makima.git, makima.executors and makima.completion; they
+translate makima's errors into `ApplicationError` (type = the error's class
+name, non-retryable where a retry cannot help).
+
+`execute_step` heartbeats every `heartbeat_interval` seconds (and whenever the
+agent reports progress) with `{elapsed_seconds, turns, last_tool, session_id,
+...}`; a retry of the same attempt reads the session id back from
+`activity.info().heartbeat_details` and resumes it. Cancellation kills the
+agent's whole process group within seconds. Call it with
+`start_to_close_timeout=EXECUTE_TIMEOUT` and
+`heartbeat_timeout=AGENT_HEARTBEAT_TIMEOUT` (makima.constants), and run the
+worker with `max_heartbeat_throttle_interval` of a few seconds so a cancel
+reaches the activity promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from makima.completion import complete
+from makima.constants import MAX_TEXT_IN_HISTORY
+from makima.contracts import (
+    ActivityName,
+    CheckoutInput,
+    CleanupInput,
+    CleanupOutput,
+    CompleteInput,
+    CompleteOutput,
+    ExecuteInput,
+    ExecuteOutput,
+    MergeInput,
+    MergeOutput,
+    PrepareInput,
+    PrepareOutput,
+    integration_branch,
+    step_branch,
+)
+from makima.errors import LLMRetryableError, MakimaError
+from makima.executors import ExecutionRequest, Executor, Progress, executor_for
+from makima.git import (
+    GitRepository,
+    MissingBranch,
+    directive_lock,
+    makima_home,
+    safe_path_component,
+)
+from makima.models import Repository
+from makima.process import truncate_tail
+
+#: Seconds between heartbeats of a running attempt. Cheap: the SDK throttles what it
+#: sends (worker option max_heartbeat_throttle_interval), and a cancel is noticed only
+#: with a heartbeat's answer, so this bounds how fast a cancel kills the agent.
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+
+
+def application_error(exc: MakimaError) -> ApplicationError:
+    delay = None
+    if isinstance(exc, LLMRetryableError) and exc.retry_after is not None:
+        from datetime import timedelta
+
+        delay = timedelta(seconds=exc.retry_after)
+    return ApplicationError(str(exc), type=type(exc).__name__,
+                            non_retryable=exc.non_retryable, next_retry_delay=delay)
+
+
+@contextlib.contextmanager
+def translated_errors():
+    try:
+        yield
+    except MakimaError as exc:
+        raise application_error(exc) from exc
+
+
+def commit_message(directive_id: str, step: str, attempt: int, summary: str) -> str:
+    title = f"makima: {directive_id} step {step} attempt {attempt}"
+    return f"{title}\n\n{summary.strip()}" if summary.strip() else title
+
+
+def _session_from_heartbeat(details: Any) -> str | None:
+    for item in reversed(list(details or [])):
+        if isinstance(item, dict) and item.get("session_id"):
+            return str(item["session_id"])
+    return None
+
+
+class ExecutionActivities:
+    """Built once per worker: `ExecutionActivities(makima_home())`."""
+
+    def __init__(self, home: Path | None = None, *,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
+                 executors: Callable[[Any], Executor] = executor_for) -> None:
+        self.home = (home or makima_home()).resolve()
+        self.heartbeat_interval = heartbeat_interval
+        self.executors = executors
+
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.prepare_repository, self.execute_step, self.checkout_step,
+                self.merge_step, self.cleanup_step, self.complete_directive]
+
+    async def _open(self, repository: Repository) -> GitRepository:
+        return await GitRepository.open(repository, self.home)
+
+    # ------------------------------------------------------------------ prepare
+    @activity.defn(name=ActivityName.PREPARE_REPOSITORY.value)
+    async def prepare_repository(self, input: PrepareInput) -> PrepareOutput:
+        with translated_errors():
+            repo = await self._open(input.repository)
+            branch = integration_branch(input.directive_id)
+            async with repo.lock():
+                base = await repo.ensure_integration_branch(branch, input.repository.base_branch)
+            return PrepareOutput(integration_branch=branch, base_commit=base,
+                                 repository_path=str(repo.path))
+
+    # ------------------------------------------------------------------ execute
+    @activity.defn(name=ActivityName.EXECUTE_STEP.value)
+    async def execute_step(self, input: ExecuteInput) -> ExecuteOutput:
+        with translated_errors():
+            return await self._execute(input)
+
+    async def _execute(self, input: ExecuteInput) -> ExecuteOutput:
+        started = time.monotonic()
+        info = activity.info()
+        step = input.step.name
+        branch = step_branch(input.directive_id, step)
+        executor = self.executors(input.spec.executor)
+        repo = await self._open(input.spec.repository)
+        worktree = repo.worktree_path(input.directive_id, f"{step}-a{input.attempt}")
+        async with repo.lock():
+            await repo.check_branch_name(branch)
+            await repo.fetch_branch(input.integration_branch, required=True)
+            integration_head = await repo.branch_head(input.integration_branch)
+            if integration_head is None:
+                raise MissingBranch(f"integration branch {input.integration_branch} does not "
+                                    "exist; prepare_repository must run first")
+            start = integration_head
+            if input.rework is not None and input.attempt > 1:
+                # Rework: the agent fixes its own previous attempt.
+                await repo.fetch_branch(branch)
+                start = await repo.branch_head(branch) or integration_head
+            # A retry of this same attempt on this worker that resumes an agent session
+            # keeps what the agent did so far (the session expects its files there).
+            resume_session_id = _session_from_heartbeat(info.heartbeat_details)
+            if not (info.attempt > 1 and resume_session_id and _exists(worktree / ".git")):
+                await repo.add_worktree(worktree, start)
+
+        progress = Progress(session_id=resume_session_id)
+        heartbeat = _Heartbeat(step, input.attempt, started, progress)
+        request = ExecutionRequest(
+            directive_id=input.directive_id, spec=input.spec, step=input.step,
+            attempt=input.attempt, worktree=worktree, rework=input.rework,
+            resume_session_id=resume_session_id,
+            on_progress=lambda _: heartbeat.beat(), progress=progress)
+        beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
+        try:
+            result = await executor.run(request)
+        finally:
+            beating.cancel()
+
+        head = await repo.commit_attempt(
+            worktree, commit_message(input.directive_id, step, input.attempt, result.summary))
+        async with repo.lock():
+            await repo.set_branch(branch, head)
+            await repo.push_branch(branch, force=True)
+            changes = await repo.describe(integration_head, head)
+            # No commit when the integration branch holds all of it already (nothing
+            # to evaluate or merge); a rework that changed nothing still hands back
+            # the previous attempt's unmerged commit.
+            contained = await repo.is_ancestor(head, integration_head)
+        return ExecuteOutput(
+            success=result.success,
+            exit_code=result.exit_code,
+            branch=branch,
+            commit=None if contained else head,
+            worktree=str(worktree),
+            changed_files=changes.files,
+            diff_stat=changes.diff_stat,
+            output_tail=truncate_tail(result.output_tail, MAX_TEXT_IN_HISTORY),
+            summary=result.summary[:MAX_TEXT_IN_HISTORY],
+            session_id=result.session_id or progress.session_id,
+            duration_seconds=round(time.monotonic() - started, 3),
+            usage=result.usage,
+        )
+
+    # ------------------------------------------------------------------ checkout
+    @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
+    async def checkout_step(self, input: CheckoutInput) -> ExecuteOutput:
+        with translated_errors():
+            repo = await self._open(input.spec.repository)
+            branch = step_branch(input.directive_id, input.step)
+            worktree = repo.worktree_path(input.directive_id, f"{input.step}-a{input.attempt}")
+            async with repo.lock():
+                await repo.fetch_branch(branch)
+                await repo.fetch_branch(input.integration_branch, required=True)
+                head = await repo.branch_head(branch)
+                if head is None:
+                    raise MissingBranch(f"step {input.step} has no branch {branch} to check out")
+                head = await self._adopt_worktree_commits(repo, input.directive_id, input.step,
+                                                          branch, head)
+                integration_head = await repo.branch_head(input.integration_branch)
+                await repo.add_worktree(worktree, head)
+                changes = await repo.describe(integration_head or head, head)
+            return ExecuteOutput(
+                success=True, exit_code=0, branch=branch, commit=head, worktree=str(worktree),
+                changed_files=changes.files, diff_stat=changes.diff_stat,
+                summary=f"checked out {branch} at {head[:12]} for re-evaluation")
+
+    async def _adopt_worktree_commits(self, repo: GitRepository, directive_id: str, step: str,
+                                      branch: str, head: str) -> str:
+        """Attempt worktrees are detached, so a person who committed a fix inside one
+        left the step branch behind; move the branch forward to such a commit."""
+        folder = self.home / "worktrees" / safe_path_component(directive_id)
+        pattern = re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+$")
+        for path in _matching_folders(folder, pattern):
+            result = await repo.run("rev-parse", "HEAD", cwd=path, check=False)
+            candidate = result.stdout.strip()
+            if (result.code == 0 and candidate and candidate != head
+                    and await repo.is_ancestor(head, candidate)):
+                await repo.set_branch(branch, candidate, expected=head)
+                await repo.push_branch(branch, force=True)
+                head = candidate
+        return head
+
+    # ------------------------------------------------------------------ merge
+    @activity.defn(name=ActivityName.MERGE_STEP.value)
+    async def merge_step(self, input: MergeInput) -> MergeOutput:
+        with translated_errors():
+            repo = await self._open(input.repository)
+            target = input.integration_branch
+            if not input.commit:
+                head = await repo.branch_head(target)
+                return MergeOutput(merged=True, commit=head, message=(
+                    f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"))
+            async with directive_lock(self.home, input.directive_id), repo.lock():
+                await repo.fetch_branch(target, required=True)
+                await repo.fetch_branch(input.branch)
+                if await repo.resolve(input.commit) is None:
+                    raise MissingBranch(f"commit {input.commit} of step {input.step} is not in the "
+                                        f"repository (branch {input.branch})")
+                result = await repo.merge(target, input.commit, (
+                    f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
+                if result.merged:
+                    await repo.push_branch(target)
+            if not result.merged:
+                files = ", ".join(result.conflict_files) or "(git named no file)"
+                return MergeOutput(merged=False, commit=result.head,
+                                   conflict_files=result.conflict_files, message=(
+                    f"merging step {input.step} (attempt {input.attempt}) into {target} conflicts "
+                    f"in: {files}. Rebase the step's work on the integration branch ({target}), "
+                    f"resolve the conflicts in {files} keeping both changes' intent, and try "
+                    "again. Nothing was merged."))
+            return MergeOutput(merged=True, commit=result.head,
+                               message=f"merged step {input.step} into {target} at "
+                                       f"{result.head[:12]}")
+
+    # ------------------------------------------------------------------ cleanup
+    @activity.defn(name=ActivityName.CLEANUP_STEP.value)
+    async def cleanup_step(self, input: CleanupInput) -> CleanupOutput:
+        with translated_errors():
+            try:
+                repo: GitRepository | None = await self._open(input.repository)
+            except MakimaError:
+                repo = None  # the repository is gone: its worktrees are plain folders now
+            folder = self.home / "worktrees" / safe_path_component(input.directive_id)
+            pattern = re.compile(rf"^{re.escape(safe_path_component(input.step))}-a\d+$")
+            candidates = _matching_folders(folder, pattern)
+            if input.worktree:
+                given = _absolute(input.worktree)
+                # Only ever delete inside makima's own folder.
+                if self.home / "worktrees" in given.parents and given not in candidates:
+                    candidates.append(given)
+            removed = False
+            for path in candidates:
+                if repo is not None:
+                    removed |= await repo.remove_worktree(path)
+                elif path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed = True
+            return CleanupOutput(removed=removed)
+
+    # ------------------------------------------------------------------ complete
+    @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)
+    async def complete_directive(self, input: CompleteInput) -> CompleteOutput:
+        with translated_errors():
+            repo = await self._open(input.spec.repository)
+            async with directive_lock(self.home, input.directive_id), repo.lock():
+                await repo.fetch_branch(input.integration_branch)
+                return await complete(repo, input)
+
+
+def _matching_folders(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir() if pattern.match(path.name)]
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _absolute(path: str) -> Path:
+    return Path(path).resolve()
+
+
+class _Heartbeat:
+    """Progress of one running attempt, sent as heartbeat details."""
+
+    def __init__(self, step: str, attempt: int, started: float, progress: Progress) -> None:
+        self.step = step
+        self.attempt = attempt
+        self.started = started
+        self.progress = progress
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "attempt": self.attempt,
+            "elapsed_seconds": round(time.monotonic() - self.started, 1),
+            "turns": self.progress.turns,
+            "last_tool": self.progress.last_tool,
+            "session_id": self.progress.session_id,
+            "note": self.progress.note[:200],
+        }
+
+    def beat(self) -> None:
+        activity.heartbeat(self.details())
+
+    async def every(self, interval: float) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(interval)

@@ -1,0 +1,288 @@
+"""The `anthropic` executor: makima's own tool-use loop over the Messages API.
+
+The model gets five tools (list_files, read_file, write_file, edit_file,
+run_command) confined to the worktree: a path that resolves outside it
+(`../x`, `/etc/passwd`, a symlink pointing out) or into `.git`, and a command
+on the deny list, are refused, and the refusal goes back to the model as an
+`is_error` tool result so it can change course. The deny list is a guard
+against obvious mistakes, not a sandbox: run workers as an unprivileged user.
+
+Configuration (environment):
+    ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL    the client (max_retries=0: Temporal retries)
+    MAKIMA_EXECUTOR_MODEL                    default DEFAULT_EXECUTOR_MODEL (spec.models.executor wins)
+    MAKIMA_AGENT_MAX_TURNS                   default DEFAULT_MAX_TURNS
+    MAKIMA_AGENT_COMMAND_TIMEOUT_SECONDS     default DEFAULT_COMMAND_TIMEOUT_SECONDS
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+from anthropic import AsyncAnthropic
+
+from makima.executors.base import (
+    OUTPUT_TAIL_CHARS,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutorSetupError,
+    env_int,
+    env_seconds,
+    task_prompt,
+)
+from makima.llm.client import classify_error
+from makima.llm.pricing import usage_from_api
+from makima.models import ExecutorKind, Usage
+from makima.process import agent_environment, run_process, truncate_tail
+
+DEFAULT_EXECUTOR_MODEL = "claude-sonnet-5-5"
+DEFAULT_MAX_TURNS = 50
+DEFAULT_COMMAND_TIMEOUT_SECONDS = 300.0
+MAX_TOKENS = 16_000
+#: Longest tool result (file content, command output) sent back to the model.
+TOOL_OUTPUT_CHARS = 20_000
+#: Files listed at most by one list_files call.
+MAX_LISTED_FILES = 500
+
+#: Commands (first word of any piece of a pipeline or list) the agent may not run.
+DENIED_COMMANDS = frozenset({
+    "sudo", "su", "doas", "ssh", "scp", "sftp", "rsync", "curl", "wget", "nc", "ncat",
+    "shutdown", "reboot", "halt", "poweroff", "mkfs", "dd", "mount", "umount", "chroot",
+    "docker", "kubectl",
+})
+#: git subcommands that would change branches or reach a remote behind makima's back.
+DENIED_GIT = frozenset({"push", "fetch", "pull", "clone", "remote", "config", "checkout",
+                        "switch", "reset", "rebase", "merge", "branch", "worktree", "commit"})
+
+SYSTEM_PROMPT = (
+    "You are a careful software engineer working inside a git worktree. Use the tools to "
+    "inspect and change files and to run commands (tests, builds). Paths are relative to the "
+    "worktree root. When the task is done, reply with a short summary of what you changed "
+    "and how you checked it, without calling a tool."
+)
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "list_files",
+        "description": "List files under a folder of the worktree (recursively).",
+        "input_schema": {"type": "object", "properties": {
+            "path": {"type": "string", "description": "folder, default '.'"}}},
+    },
+    {
+        "name": "read_file",
+        "description": "Read a text file of the worktree.",
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}},
+                         "required": ["path"]},
+    },
+    {
+        "name": "write_file",
+        "description": "Create or overwrite a file of the worktree with the given content.",
+        "input_schema": {"type": "object", "properties": {
+            "path": {"type": "string"}, "content": {"type": "string"}},
+            "required": ["path", "content"]},
+    },
+    {
+        "name": "edit_file",
+        "description": "Replace one exact occurrence of old_text by new_text in a file.",
+        "input_schema": {"type": "object", "properties": {
+            "path": {"type": "string"}, "old_text": {"type": "string"},
+            "new_text": {"type": "string"}}, "required": ["path", "old_text", "new_text"]},
+    },
+    {
+        "name": "run_command",
+        "description": "Run a shell command (bash -c) in the worktree root; returns exit code "
+                       "and output.",
+        "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                         "required": ["command"]},
+    },
+]
+
+
+class ToolRefused(Exception):
+    """A tool call the worktree's confinement does not allow; shown to the model."""
+
+
+def confined_path(root: Path, relative: str) -> Path:
+    """`relative` inside `root`, or ToolRefused. Symlinks are resolved first, so a
+    link that points out of the worktree is refused like `../`."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise ToolRefused("a path is required")
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ToolRefused(f"refused: {relative!r} resolves to {candidate}, outside the worktree")
+    inside = candidate.relative_to(root).parts
+    if inside and inside[0] == ".git":
+        raise ToolRefused(f"refused: {relative!r} is git's own data; makima commits for you")
+    return candidate
+
+
+def refused_command(command: str) -> str | None:
+    """Why `command` is not allowed, or None."""
+    for piece in re.split(r"\|\||&&|[;|&\n()`]|\$\(", command):
+        words = piece.strip().split()
+        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+            words.pop(0)  # VAR=value prefixes
+        if not words:
+            continue
+        program = os.path.basename(words[0])
+        if program in DENIED_COMMANDS:
+            return f"refused: {program!r} is not allowed for the agent"
+        if program == "git" and len(words) > 1 and words[1] in DENIED_GIT:
+            return f"refused: 'git {words[1]}' is not allowed; makima manages branches and commits"
+    return None
+
+
+class AnthropicExecutor:
+    kind = ExecutorKind.ANTHROPIC
+
+    def __init__(self, client: AsyncAnthropic | None = None) -> None:
+        self._client = client
+
+    def client(self) -> AsyncAnthropic:
+        if self._client is None:
+            api_key = (os.environ.get("ANTHROPIC_API_KEY") or "").strip()
+            if not api_key:
+                raise ExecutorSetupError(
+                    "the anthropic executor needs ANTHROPIC_API_KEY in the worker's environment")
+            self._client = AsyncAnthropic(
+                api_key=api_key,
+                base_url=(os.environ.get("ANTHROPIC_BASE_URL") or "").strip() or None,
+                max_retries=0,  # Temporal owns retries
+            )
+        return self._client
+
+    async def run(self, request: ExecutionRequest) -> ExecutionResult:
+        client = self.client()
+        model = (request.spec.models.executor
+                 or (os.environ.get("MAKIMA_EXECUTOR_MODEL") or "").strip()
+                 or DEFAULT_EXECUTOR_MODEL)
+        max_turns = env_int("MAKIMA_AGENT_MAX_TURNS", DEFAULT_MAX_TURNS)
+        command_timeout = env_seconds("MAKIMA_AGENT_COMMAND_TIMEOUT_SECONDS",
+                                      DEFAULT_COMMAND_TIMEOUT_SECONDS)
+        tools = _Tools(request.worktree, command_timeout)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": task_prompt(request)}]
+        usage = Usage()
+        transcript: list[str] = []
+        for turn in range(1, max_turns + 1):
+            try:
+                response = await client.messages.create(
+                    model=model, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
+                    tools=TOOLS, messages=messages)  # type: ignore[arg-type]
+            except anthropic.AnthropicError as exc:
+                raise classify_error(exc, model=model, base_url=str(client.base_url)) from exc
+            usage = usage + usage_from_api(model, response.usage)
+            text = "\n".join(b.text for b in response.content if b.type == "text").strip()
+            if text:
+                transcript.append(text)
+            tool_uses = [b for b in response.content if b.type == "tool_use"]
+            request.report(turns=turn)
+            if response.stop_reason != "tool_use" or not tool_uses:
+                return ExecutionResult(
+                    success=True, exit_code=0, summary=text[:2000] or "the agent finished",
+                    output_tail=truncate_tail("\n".join(transcript), OUTPUT_TAIL_CHARS),
+                    usage=usage)
+            messages.append({"role": "assistant",
+                             "content": [b.model_dump(exclude_none=True) for b in response.content]})
+            results = []
+            for use in tool_uses:
+                request.report(last_tool=use.name)
+                content, is_error = await tools.call(use.name, use.input)
+                transcript.append(f"$ {use.name} {_short(use.input)}\n{content[:500]}")
+                results.append({"type": "tool_result", "tool_use_id": use.id,
+                                "content": content, "is_error": is_error})
+            messages.append({"role": "user", "content": results})
+        return ExecutionResult(
+            success=False, exit_code=None,
+            summary=f"the agent did not finish within {max_turns} turns (MAKIMA_AGENT_MAX_TURNS)",
+            output_tail=truncate_tail("\n".join(transcript), OUTPUT_TAIL_CHARS), usage=usage)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class _Tools:
+    """The tool implementations, bound to one worktree."""
+
+    def __init__(self, root: Path, command_timeout: float) -> None:
+        self.root = root.resolve()
+        self.command_timeout = command_timeout
+
+    async def call(self, name: str, arguments: Any) -> tuple[str, bool]:
+        """(content, is_error) for one tool call; never raises for bad input."""
+        args = arguments if isinstance(arguments, dict) else {}
+        try:
+            if name == "list_files":
+                return self.list_files(args.get("path") or "."), False
+            if name == "read_file":
+                return self.read_file(args.get("path", "")), False
+            if name == "write_file":
+                return self.write_file(args.get("path", ""), args.get("content", "")), False
+            if name == "edit_file":
+                return self.edit_file(args.get("path", ""), args.get("old_text", ""),
+                                      args.get("new_text", "")), False
+            if name == "run_command":
+                return await self.run_command(args.get("command", ""))
+            return f"unknown tool {name!r}", True
+        except ToolRefused as exc:
+            return str(exc), True
+        except (OSError, UnicodeDecodeError, TypeError) as exc:
+            return f"{name} failed: {exc}", True
+
+    def list_files(self, path: str) -> str:
+        folder = confined_path(self.root, path)
+        if not folder.is_dir():
+            raise ToolRefused(f"{path!r} is not a folder")
+        found: list[str] = []
+        for entry in sorted(folder.rglob("*")):
+            relative = entry.relative_to(self.root)
+            if relative.parts[0] == ".git" or not entry.is_file():
+                continue
+            found.append(str(relative))
+            if len(found) >= MAX_LISTED_FILES:
+                found.append(f"[… stopped after {MAX_LISTED_FILES} files]")
+                break
+        return "\n".join(found) or "(no files)"
+
+    def read_file(self, path: str) -> str:
+        text = confined_path(self.root, path).read_text(encoding="utf-8")
+        if len(text) > TOOL_OUTPUT_CHARS:
+            return text[:TOOL_OUTPUT_CHARS] + f"\n[… {len(text) - TOOL_OUTPUT_CHARS} more characters]"
+        return text
+
+    def write_file(self, path: str, content: str) -> str:
+        target = confined_path(self.root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content, encoding="utf-8")
+        return f"wrote {len(content)} characters to {target.relative_to(self.root)}"
+
+    def edit_file(self, path: str, old_text: str, new_text: str) -> str:
+        target = confined_path(self.root, path)
+        text = target.read_text(encoding="utf-8")
+        count = text.count(old_text) if old_text else 0
+        if count != 1:
+            raise ToolRefused(f"old_text must occur exactly once in {path!r}; it occurs {count}"
+                              " times")
+        target.write_text(text.replace(old_text, new_text, 1), encoding="utf-8")
+        return f"edited {target.relative_to(self.root)}"
+
+    async def run_command(self, command: str) -> tuple[str, bool]:
+        if not command.strip():
+            return "a command is required", True
+        reason = refused_command(command)
+        if reason:
+            return reason, True
+        started = time.monotonic()
+        result = await run_process(["bash", "-c", command], cwd=self.root,
+                                   env=agent_environment(),
+                                   timeout_seconds=self.command_timeout)
+        output = truncate_tail(result.output, TOOL_OUTPUT_CHARS)
+        status = ("timed out" if result.timed_out else f"exit code {result.exit_code}")
+        return (f"{status} after {time.monotonic() - started:.1f} s\n{output}",
+                result.exit_code != 0)

@@ -1,0 +1,394 @@
+"""Git for makima: the repository a directive works on, its integration branch,
+one worktree per step attempt, the attempt's commit, merges into the
+integration branch and the final fast-forward of the base branch.
+
+Real git through subprocesses (git >= 2.38 for `merge-tree --write-tree`).
+Merges never touch a working tree: the merged tree is computed with
+`git merge-tree`, committed with `commit-tree` and published with a
+compare-and-swap `update-ref`, so a user's checkout of the repository is left
+alone and two workers merging at once cannot lose a merge.
+
+A repository given by `path` is used in place. One given by `url` is cloned
+(bare) once per worker into `<home>/repos/<hash>`, fetched on reuse, and every
+branch makima writes is pushed back to that remote, which stays the source of
+truth (another worker may run the next step).
+
+Not here: Temporal (see activities/execution.py) and executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from makima.errors import GitError
+from makima.models import Repository
+
+#: Identity for makima's own commits when the machine has none configured.
+FALLBACK_NAME = "makima"
+FALLBACK_EMAIL = "makima@localhost"
+#: Longest any single git command may take (clone and fetch of big repositories included).
+GIT_COMMAND_TIMEOUT = 600.0
+REMOTE = "origin"
+
+
+class NotARepository(GitError):
+    """The path given for a repository is not a git repository."""
+
+    non_retryable = True
+
+
+class MissingBranch(GitError):
+    """A branch the directive needs does not exist."""
+
+    non_retryable = True
+
+
+class InvalidRefName(GitError):
+    """A branch name built from a directive id or step name is refused by git."""
+
+    non_retryable = True
+
+
+def makima_home() -> Path:
+    """`MAKIMA_HOME` (default `./.makima`) as an absolute path."""
+    return Path(os.environ.get("MAKIMA_HOME") or ".makima").expanduser().resolve()
+
+
+def safe_path_component(name: str) -> str:
+    """A name usable as one folder name (ids may hold '/', worktree folders may not)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "_"
+    return cleaned[:120]
+
+
+# Small synchronous file-system checks (fast, local; kept out of async bodies).
+def _absolute(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir()
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+@dataclass
+class GitResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Never wait for a password prompt or an editor: a worker has no terminal.
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("GIT_EDITOR", "true")
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    env["LC_ALL"] = "C"  # stable messages and file lists
+    if extra:
+        env.update(extra)
+    return env
+
+
+async def git(*args: str, cwd: Path | str, check: bool = True,
+              env: Mapping[str, str] | None = None,
+              timeout_seconds: float = GIT_COMMAND_TIMEOUT) -> GitResult:
+    """Run `git <args>` in `cwd`; with `check`, a non-zero exit raises GitError
+    carrying git's own message."""
+    process = await asyncio.create_subprocess_exec(
+        "git", *args, cwd=str(cwd), env=_git_env(env),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_seconds)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.shield(process.wait())
+        raise
+    result = GitResult(process.returncode or 0, out.decode("utf-8", "replace"),
+                       err.decode("utf-8", "replace"))
+    if check and result.code != 0:
+        message = (result.stderr.strip() or result.stdout.strip() or "no output")[-2000:]
+        raise GitError(f"git {' '.join(args[:3])} failed in {cwd}: {message}")
+    return result
+
+
+@contextlib.asynccontextmanager
+async def file_lock(path: Path) -> AsyncIterator[None]:
+    """An exclusive lock across processes (flock), waited for without blocking
+    the event loop."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+_locks: dict[str, asyncio.Lock] = {}
+
+
+@contextlib.asynccontextmanager
+async def directive_lock(home: Path, directive_id: str) -> AsyncIterator[None]:
+    """Serialise writes to one directive's integration branch: an asyncio lock for
+    tasks of this worker, a file lock for other workers sharing MAKIMA_HOME (and the
+    compare-and-swap update-ref for everything else)."""
+    key = f"{home}:{directive_id}"
+    lock = _locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        async with file_lock(home / "locks" / f"{safe_path_component(directive_id)}.lock"):
+            yield
+
+
+# --------------------------------------------------------------------------- the repository
+
+
+@dataclass
+class Changes:
+    """What a commit changed against the integration branch."""
+
+    files: list[str]
+    diff_stat: str
+
+
+class GitRepository:
+    """One repository as makima sees it: where its objects live (`path`), whether
+    branches go back to a remote (`pushes`), and the worker's folder (`home`)."""
+
+    def __init__(self, path: Path, home: Path, *, pushes: bool = False) -> None:
+        self.path = path
+        self.home = home
+        self.pushes = pushes
+
+    # -- opening
+    @classmethod
+    async def open(cls, repository: Repository, home: Path) -> GitRepository:
+        """The repository of a spec: `path` in place, `url` through the worker's clone."""
+        if repository.path:
+            path = _absolute(repository.path)
+            if not _is_dir(path):
+                raise NotARepository(f"repository path {path} does not exist or is not a folder")
+            probe = await git("rev-parse", "--git-dir", cwd=path, check=False)
+            if probe.code != 0:
+                raise NotARepository(f"{path} is not a git repository (git init it first)")
+            return cls(path, home)
+        return await cls._open_clone(repository.url or "", home)
+
+    @classmethod
+    async def _open_clone(cls, url: str, home: Path) -> GitRepository:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        path = home / "repos" / digest
+        async with file_lock(home / "locks" / f"repo-{digest}.lock"):
+            if not (path / "HEAD").exists():
+                if path.exists():
+                    shutil.rmtree(path)  # a clone that died half-way
+                path.parent.mkdir(parents=True, exist_ok=True)
+                result = await git("clone", "--bare", "--quiet", url, str(path),
+                                   cwd=path.parent, check=False)
+                if result.code != 0:
+                    raise GitError(f"cannot clone {url}: {result.stderr.strip()[-1000:]}")
+        return cls(path, home, pushes=True)
+
+    def lock(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Serialise ref and worktree bookkeeping on this repository (concurrent
+        fetches and `worktree add`s into one repository trip over git's own locks)."""
+        return directive_lock(self.home, "repo-" + hashlib.sha256(
+            str(self.path).encode()).hexdigest()[:16])
+
+    async def run(self, *args: str, check: bool = True, cwd: Path | None = None,
+                  env: Mapping[str, str] | None = None) -> GitResult:
+        return await git(*args, cwd=cwd or self.path, check=check, env=env)
+
+    # -- refs
+    async def resolve(self, ref: str) -> str | None:
+        result = await self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}",
+                                check=False)
+        return result.stdout.strip() or None if result.code == 0 else None
+
+    async def branch_head(self, branch: str) -> str | None:
+        return await self.resolve(f"refs/heads/{branch}")
+
+    async def check_branch_name(self, branch: str) -> None:
+        result = await self.run("check-ref-format", "--branch", branch, check=False)
+        if result.code != 0:
+            raise InvalidRefName(
+                f"git refuses the branch name {branch!r} (built from the directive id or step"
+                " name); use ids of letters, digits, '-', '_' and '.'")
+
+    async def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        result = await self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False)
+        return result.code == 0
+
+    async def set_branch(self, branch: str, commit: str, expected: str | None = None) -> bool:
+        """Point `branch` at `commit`; with `expected`, only if it still points there
+        (compare-and-swap). Returns False when someone else moved it first."""
+        args = ["update-ref", "-m", "makima", f"refs/heads/{branch}", commit]
+        if expected is not None:
+            args.append(expected)
+        result = await self.run(*args, check=False)
+        if result.code != 0 and expected is None:
+            raise GitError(f"cannot move {branch} to {commit[:12]}: {result.stderr.strip()}")
+        return result.code == 0
+
+    # -- remote (url repositories)
+    async def fetch_branch(self, branch: str, *, required: bool = False) -> bool:
+        """Bring `branch` from the remote into the clone (forced: the remote is the
+        truth). Path repositories have nothing to fetch."""
+        if not self.pushes:
+            return True
+        result = await self.run("fetch", "--quiet", REMOTE,
+                                f"+refs/heads/{branch}:refs/heads/{branch}", check=False)
+        if result.code != 0 and required:
+            if "couldn't find remote ref" in result.stderr:
+                raise MissingBranch(f"branch {branch!r} does not exist on the remote")
+            raise GitError(f"cannot fetch {branch} from the remote: {result.stderr.strip()}")
+        return result.code == 0
+
+    async def push_branch(self, branch: str, *, force: bool = False) -> None:
+        if not self.pushes:
+            return
+        refspec = f"{'+' if force else ''}refs/heads/{branch}:refs/heads/{branch}"
+        await self.run("push", "--quiet", REMOTE, refspec)
+
+    async def remotes(self) -> list[str]:
+        result = await self.run("remote", check=False)
+        return [line for line in result.stdout.split() if line]
+
+    # -- integration branch
+    async def ensure_integration_branch(self, branch: str, base_branch: str) -> str:
+        """Create `branch` from `base_branch` unless it exists (a retry must neither fail
+        nor move it). Returns the base branch's commit."""
+        await self.check_branch_name(branch)
+        await self.fetch_branch(base_branch, required=True)
+        base = await self.branch_head(base_branch)
+        if base is None:
+            raise MissingBranch(
+                f"base branch {base_branch!r} does not exist in {self.path}"
+                " (set repository.base_branch to an existing branch)")
+        if await self.branch_head(branch) is None:
+            await self.fetch_branch(branch)  # another worker may have created it already
+        if await self.branch_head(branch) is None:
+            await self.set_branch(branch, base, expected="0" * 40)
+        await self.push_branch(branch)
+        return base
+
+    # -- worktrees
+    def worktree_path(self, directive_id: str, name: str) -> Path:
+        return self.home / "worktrees" / safe_path_component(directive_id) / safe_path_component(
+            name)
+
+    async def add_worktree(self, path: Path, commit: str) -> Path:
+        """A fresh detached worktree at `commit`, replacing whatever was at `path`.
+
+        Detached, so a branch checked out elsewhere (by a person, or a stale attempt)
+        never blocks it; the attempt's commit is put on the step branch afterwards."""
+        await self.remove_worktree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await self.run("worktree", "add", "--detach", "--quiet", str(path), commit)
+        return path
+
+    async def remove_worktree(self, path: Path) -> bool:
+        """Remove a worktree (idempotent); True when there was one."""
+        existed = _exists(path)
+        if existed:
+            await self.run("worktree", "remove", "--force", "--force", str(path), check=False)
+            if _exists(path):
+                shutil.rmtree(path, ignore_errors=True)
+        await self.run("worktree", "prune", check=False)
+        return existed
+
+    # -- attempts
+    async def commit_attempt(self, worktree: Path, message: str) -> str:
+        """Commit everything in `worktree` (if anything changed) and return HEAD."""
+        await self.run("add", "--all", cwd=worktree)
+        staged = await self.run("diff", "--cached", "--quiet", cwd=worktree, check=False)
+        if staged.code != 0:
+            await self.run("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree,
+                           env=await self.identity_env())
+        head = await self.run("rev-parse", "HEAD", cwd=worktree)
+        return head.stdout.strip()
+
+    async def describe(self, base: str, head: str) -> Changes:
+        """Files changed and a diff stat of `head` against its merge base with `base`."""
+        names = await self.run("diff", "--name-only", f"{base}...{head}")
+        stat = await self.run("diff", "--stat=100", f"{base}...{head}")
+        files = [line for line in names.stdout.splitlines() if line]
+        return Changes(files, stat.stdout.strip()[-3000:])
+
+    async def identity_env(self) -> dict[str, str]:
+        """A fallback author and committer when neither the environment nor git's
+        config name one, so commits work on a machine with no git setup."""
+        env: dict[str, str] = {}
+        name = await self.run("config", "user.name", check=False)
+        email = await self.run("config", "user.email", check=False)
+        for role in ("AUTHOR", "COMMITTER"):
+            if not os.environ.get(f"GIT_{role}_NAME") and not name.stdout.strip():
+                env[f"GIT_{role}_NAME"] = FALLBACK_NAME
+            if not os.environ.get(f"GIT_{role}_EMAIL") and not email.stdout.strip():
+                env[f"GIT_{role}_EMAIL"] = FALLBACK_EMAIL
+        return env
+
+    # -- merging
+    async def merge(self, target: str, source_commit: str, message: str) -> MergeResult:
+        """Merge `source_commit` into branch `target` without a working tree.
+
+        Already contained → merged (idempotent). A conflict changes nothing and names
+        the files. A race with another merger is retried on the new head."""
+        for _ in range(10):
+            head = await self.branch_head(target)
+            if head is None:
+                raise MissingBranch(f"integration branch {target!r} does not exist")
+            if await self.is_ancestor(source_commit, head):
+                return MergeResult(True, head, [])
+            tree = await self.run("merge-tree", "--write-tree", "--name-only", "--no-messages",
+                                  head, source_commit, check=False)
+            lines = tree.stdout.splitlines()
+            if tree.code == 1:
+                return MergeResult(False, head, [line for line in lines[1:] if line])
+            if tree.code != 0 or not lines:
+                raise GitError(f"git merge-tree failed: {tree.stderr.strip()}"
+                               " (makima needs git 2.38 or newer)")
+            commit = await self.run("commit-tree", lines[0], "-p", head, "-p", source_commit,
+                                    "-m", message, env=await self.identity_env())
+            merged = commit.stdout.strip()
+            if await self.set_branch(target, merged, expected=head):
+                return MergeResult(True, merged, [])
+        raise GitError(f"could not merge into {target}: it kept moving under concurrent merges")
+
+    async def checked_out_in(self, branch: str) -> Path | None:
+        """The worktree (the main one included) that has `branch` checked out, if any."""
+        result = await self.run("worktree", "list", "--porcelain", check=False)
+        current: Path | None = None
+        for line in result.stdout.splitlines():
+            if line.startswith("worktree "):
+                current = Path(line.removeprefix("worktree "))
+            elif line == f"branch refs/heads/{branch}" and current is not None:
+                return current
+        return None
+
+
+@dataclass
+class MergeResult:
+    merged: bool
+    head: str
+    conflict_files: list[str]

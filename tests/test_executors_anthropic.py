@@ -1,0 +1,188 @@
+"""The `anthropic` executor: the real `anthropic` client against the loopback
+Messages API (tests/messages_server.py) scripted with tool calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from anthropic import AsyncAnthropic
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.execution import ExecutionActivities
+from makima.contracts import ExecuteInput, PrepareInput, ReworkContext
+from makima.errors import LLMFatalError
+from makima.executors.anthropic_agent import AnthropicExecutor
+from makima.executors.base import ExecutionRequest
+from makima.models import DirectiveSpec, ExecutorKind, ModelChoice, PlannedStep, Repository
+from tests.fakes.repos import make_repo, set_identity, show
+from tests.messages_server import MessagesServer, error_reply, text_reply, tool_reply, usage
+
+DIRECTIVE = "directive-agent-0001"
+
+
+def tool_results(server: MessagesServer, request_index: int) -> list[dict[str, Any]]:
+    """The tool_result blocks makima sent in its `request_index`-th request."""
+    last = server.requests[request_index].body["messages"][-1]
+    return [block for block in last["content"] if block.get("type") == "tool_result"]
+
+
+def spec(repository: Repository, **changes: Any) -> DirectiveSpec:
+    return DirectiveSpec(title="Agent test", goal="Greet the world in a file",
+                         requirements=["write hello.txt"], repository=repository,
+                         executor=ExecutorKind.ANTHROPIC, **changes)
+
+
+async def test_agent_writes_a_file_and_runs_a_command_through_execute_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    set_identity(monkeypatch)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5)
+    prepared = await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE,
+                                                          repository=repository))
+    messages_server.script(
+        tool_reply("write_file", {"path": "hello.txt", "content": "hello world\n"},
+                   used=usage(100, 20)),
+        tool_reply("run_command", {"command": "wc -l < hello.txt > count.txt && echo counted"
+                                              " key=${ANTHROPIC_API_KEY:-none}"},
+                   used=usage(200, 30)),
+        text_reply("Wrote hello.txt and counted its lines.", used=usage(300, 40)),
+    )
+    heartbeats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    out = await env.run(acts.execute_step, ExecuteInput(
+        directive_id=DIRECTIVE, generation=1,
+        spec=spec(repository, models=ModelChoice(executor="claude-haiku-4-5")),
+        step=PlannedStep(name="greet", task_plan="Create hello.txt saying hello world."),
+        integration_branch=prepared.integration_branch))
+
+    assert out.success, out.summary
+    assert out.summary == "Wrote hello.txt and counted its lines."
+    assert sorted(out.changed_files) == ["count.txt", "hello.txt"]
+    assert show(Path(repository.path or ""), out.commit or "", "count.txt") == "1"
+    assert out.usage.input_tokens == 600 and out.usage.output_tokens == 90
+    assert out.usage.cost_usd > 0
+    first = messages_server.requests[0]
+    assert first.body["model"] == "claude-haiku-4-5"
+    assert "Greet the world in a file" in first.text and "Create hello.txt" in first.text
+    assert {tool["name"] for tool in first.body["tools"]} == {
+        "list_files", "read_file", "write_file", "edit_file", "run_command"}
+    command_result = tool_results(messages_server, 2)[0]
+    assert not command_result["is_error"] and "counted" in command_result["content"]
+    assert "key=none" in command_result["content"]  # the worker's secrets stay with it
+    assert any(beat["last_tool"] == "run_command" and beat["turns"] >= 2 for beat in heartbeats)
+
+
+async def test_paths_and_commands_outside_the_worktree_are_refused(
+        tmp_path: Path, messages_server: MessagesServer) -> None:
+    worktree = tmp_path / "worktree"
+    worktree.mkdir()
+    (worktree / "inside.txt").write_text("fine\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET\n")
+    (worktree / "link.txt").symlink_to(secret)
+    (worktree / "linkdir").symlink_to(tmp_path)
+    messages_server.script(
+        tool_reply("read_file", {"path": "../secret.txt"}),
+        tool_reply("read_file", {"path": str(secret)}),
+        tool_reply("read_file", {"path": "link.txt"}),
+        tool_reply("write_file", {"path": "linkdir/escape.txt", "content": "x"}),
+        tool_reply("write_file", {"path": "../escape.txt", "content": "x"}),
+        tool_reply("run_command", {"command": "echo hi && curl http://example.com"}),
+        tool_reply("run_command", {"command": "git push origin HEAD"}),
+        tool_reply("edit_file", {"path": ".git/config", "old_text": "a", "new_text": "b"}),
+        tool_reply("read_file", {"path": "inside.txt"}),
+        text_reply("gave up"),
+    )
+    client = AsyncAnthropic(api_key="k", base_url=messages_server.base_url, max_retries=0)
+    result = await AnthropicExecutor(client).run(ExecutionRequest(
+        directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+        step=PlannedStep(name="escape", task_plan="try to escape"), attempt=1,
+        worktree=worktree))
+    assert result.success
+    refusals = [tool_results(messages_server, i)[0] for i in range(1, 9)]
+    for refusal in refusals:
+        assert refusal["is_error"], refusal
+        assert "refused" in refusal["content"]
+    assert "outside the worktree" in refusals[0]["content"]
+    assert "curl" in refusals[5]["content"] and "git push" in refusals[6]["content"]
+    assert "TOP-SECRET" not in json.dumps([r.body for r in messages_server.requests])
+    assert not (tmp_path / "escape.txt").exists()
+    allowed = tool_results(messages_server, 9)[0]
+    assert not allowed["is_error"] and allowed["content"] == "fine\n"
+
+
+async def test_rework_feedback_is_put_before_the_task(
+        tmp_path: Path, messages_server: MessagesServer) -> None:
+    messages_server.script(text_reply("fixed"))
+    client = AsyncAnthropic(api_key="k", base_url=messages_server.base_url, max_retries=0)
+    await AnthropicExecutor(client).run(ExecutionRequest(
+        directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+        step=PlannedStep(name="redo", task_plan="THE TASK"), attempt=3, worktree=tmp_path,
+        rework=ReworkContext(attempt=3, score=0.4, feedback="tests fail",
+                             instructions="make test_x pass")))
+    prompt = messages_server.requests[0].body["messages"][0]["content"]
+    assert prompt.index("REWORK") < prompt.index("THE TASK")
+    assert "attempt 3" in prompt and "tests fail" in prompt and "make test_x pass" in prompt
+
+
+async def test_turn_limit_ends_a_looping_agent_as_a_failed_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    monkeypatch.setenv("MAKIMA_AGENT_MAX_TURNS", "3")
+    messages_server.script(*[tool_reply("list_files", {}) for _ in range(3)])
+    client = AsyncAnthropic(api_key="k", base_url=messages_server.base_url, max_retries=0)
+    result = await AnthropicExecutor(client).run(ExecutionRequest(
+        directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+        step=PlannedStep(name="loop", task_plan="loop"), attempt=1, worktree=tmp_path))
+    assert not result.success and "3 turns" in result.summary
+    assert len(messages_server.requests) == 3 and result.usage.input_tokens == 300
+
+
+async def test_command_timeout_and_truncated_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    monkeypatch.setenv("MAKIMA_AGENT_COMMAND_TIMEOUT_SECONDS", "1")
+    messages_server.script(
+        tool_reply("run_command", {"command": "sleep 30"}),
+        tool_reply("run_command", {"command": "seq 1 200000"}),
+        text_reply("ok"))
+    client = AsyncAnthropic(api_key="k", base_url=messages_server.base_url, max_retries=0)
+    await AnthropicExecutor(client).run(ExecutionRequest(
+        directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+        step=PlannedStep(name="slow", task_plan="slow"), attempt=1, worktree=tmp_path))
+    timed_out = tool_results(messages_server, 1)[0]
+    assert timed_out["is_error"] and "timed out" in timed_out["content"]
+    long_output = tool_results(messages_server, 2)[0]["content"]
+    assert len(long_output) < 25_000 and long_output.rstrip().endswith("200000")
+    assert "truncated" in long_output
+
+
+async def test_an_authentication_failure_is_not_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    messages_server.script(error_reply(401, "invalid x-api-key"))
+    client = AsyncAnthropic(api_key="k", base_url=messages_server.base_url, max_retries=0)
+    with pytest.raises(LLMFatalError, match="ANTHROPIC_API_KEY"):
+        await AnthropicExecutor(client).run(ExecutionRequest(
+            directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+            step=PlannedStep(name="auth", task_plan="x"), attempt=1, worktree=tmp_path))
+
+
+async def test_missing_api_key_is_a_clear_non_retryable_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home")
+    prepared = await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE,
+                                                          repository=repository))
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(acts.execute_step, ExecuteInput(
+            directive_id=DIRECTIVE, generation=1, spec=spec(repository),
+            step=PlannedStep(name="nokey", task_plan="x"),
+            integration_branch=prepared.integration_branch))
+    assert caught.value.non_retryable and "ANTHROPIC_API_KEY" in str(caught.value)

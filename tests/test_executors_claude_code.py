@@ -1,0 +1,169 @@
+"""The `claude_code` executor through the real Claude Agent SDK, talking to a
+stand-in `claude` (tests/fakes/claude) that speaks the stream-json protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.execution import ExecutionActivities
+from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput
+from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
+from tests.fakes.repos import install_fake, make_repo, set_identity, show
+
+pytest.importorskip("claude_agent_sdk", reason="the `claude` extra is not installed")
+
+DIRECTIVE = "directive-claude-0001"
+
+
+@pytest.fixture
+def fake_claude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    set_identity(monkeypatch)
+    cli = install_fake("claude", tmp_path / "bin")
+    log = tmp_path / "claude.log"
+    monkeypatch.setenv("MAKIMA_CLAUDE_CLI", str(cli))
+    monkeypatch.setenv("FAKE_CLAUDE_LOG", str(log))
+    monkeypatch.setenv("CLAUDE_AGENT_SDK_SKIP_VERSION_CHECK", "1")
+    return log
+
+
+def calls(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+async def _run(tmp_path: Path, env: ActivityEnvironment, step: str = "build"
+               ) -> tuple[ExecuteOutput, Repository]:
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5)
+    prepared = await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE,
+                                                          repository=repository))
+    spec = DirectiveSpec(title="Claude", goal="Write claude.txt", repository=repository,
+                         executor=ExecutorKind.CLAUDE_CODE)
+    out = await env.run(acts.execute_step, ExecuteInput(
+        directive_id=DIRECTIVE, generation=1, spec=spec,
+        step=PlannedStep(name=step, task_plan="Create claude.txt."),
+        integration_branch=prepared.integration_branch))
+    return out, repository
+
+
+async def test_claude_code_works_in_the_worktree_and_reports_session_and_cost(
+        tmp_path: Path, fake_claude: Path) -> None:
+    heartbeats: list[dict[str, Any]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    out, repository = await _run(tmp_path, env)
+
+    assert out.success, out.summary
+    assert out.session_id == "sess-fake-1"
+    assert out.summary == "Done: wrote claude.txt"
+    assert out.changed_files == ["claude.txt"]
+    assert show(Path(repository.path or ""), out.commit or "", "claude.txt").startswith(
+        "written by the fake claude")
+    assert out.usage.cost_usd == pytest.approx(0.0123)
+    assert out.usage.input_tokens == 120 and out.usage.cache_read_tokens == 7
+    [call] = calls(fake_claude)
+    assert call["cwd"] == out.worktree
+    assert "Create claude.txt." in call["prompt"] and "Write claude.txt" in call["prompt"]
+    assert not any(arg.startswith("--resume") for arg in call["argv"])
+    # Claude Code runs as the leader of its own process group (so cancel can kill it all).
+    assert call["pid"] == call["pgid"]
+    assert any(beat.get("session_id") == "sess-fake-1" for beat in heartbeats)
+    assert any(beat.get("last_tool") == "Write" for beat in heartbeats)
+
+
+async def test_a_crash_is_retryable_and_the_retry_resumes_the_session(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "crash")
+    monkeypatch.setenv("FAKE_CLAUDE_SESSION", "sess-crashy")
+    monkeypatch.setenv("FAKE_CLAUDE_SLEEP", "0.2")
+    heartbeats: list[dict[str, Any]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    with pytest.raises(ApplicationError) as caught:
+        await _run(tmp_path, env)
+    assert not caught.value.non_retryable  # Temporal retries it
+    last_details = heartbeats[-1]
+    assert last_details["session_id"] == "sess-crashy"
+
+    # Temporal's retry of the same attempt hands the last heartbeat details back.
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2, heartbeat_details=[last_details])
+    repository = Repository(path=str(tmp_path / "repo"))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5)
+    spec = DirectiveSpec(title="Claude", goal="Write claude.txt", repository=repository,
+                         executor=ExecutorKind.CLAUDE_CODE)
+    out = await retry.run(acts.execute_step, ExecuteInput(
+        directive_id=DIRECTIVE, generation=1, spec=spec,
+        step=PlannedStep(name="build", task_plan="Create claude.txt."),
+        integration_branch=f"makima/{DIRECTIVE}"))
+    assert out.success and out.session_id == "sess-crashy"
+    second = calls(fake_claude)[-1]
+    assert "--resume=sess-crashy" in second["argv"]
+    assert "resumed: sess-crashy" in (Path(out.worktree) / "claude.txt").read_text()
+
+
+async def test_missing_sdk_is_a_clear_non_retryable_error(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "claude_agent_sdk", None)  # import fails
+    with pytest.raises(ApplicationError) as caught:
+        await _run(tmp_path, ActivityEnvironment())
+    assert caught.value.non_retryable
+    assert "pip install 'makima[claude]'" in str(caught.value)
+
+
+@pytest.mark.skipif(not os.environ.get("MAKIMA_TEST_REAL_CLAUDE") or not shutil.which("claude"),
+                    reason="set MAKIMA_TEST_REAL_CLAUDE=1 (with claude and an API key) to run "
+                           "against the real Claude Code CLI")
+async def test_real_claude_code_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    monkeypatch.delenv("MAKIMA_CLAUDE_CLI", raising=False)
+    out, _ = await _run(tmp_path, ActivityEnvironment())
+    assert out.success and out.session_id and "claude.txt" in out.changed_files
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_cancelling_kills_claude_code_and_its_commands(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    child_pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "hang")
+    monkeypatch.setenv("FAKE_CLAUDE_CHILD_PID", str(child_pidfile))
+    env = ActivityEnvironment()
+    running = asyncio.create_task(_run(tmp_path, env))
+    child = None
+    try:
+        for _ in range(200):
+            if child_pidfile.exists() and child_pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        child = int(child_pidfile.read_text())
+        assert _alive(child)
+        env.cancel()
+        for _ in range(100):  # 5 s
+            if not _alive(child):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(child), "Claude Code's command survived the cancellation"
+        assert not _alive(calls(fake_claude)[0]["pid"])
+        with pytest.raises(BaseException):  # noqa: B017 (cancelled, in whatever form)
+            await asyncio.wait_for(running, 10)
+    finally:
+        running.cancel()
+        if child is not None and _alive(child):
+            os.kill(child, 9)

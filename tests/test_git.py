@@ -1,0 +1,128 @@
+"""makima.git and makima.process on real repositories and real processes: the
+fallback identity, merges that never touch a working tree, ref-name checks,
+bounded output, timeouts that kill a whole process group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from makima.git import GitRepository, InvalidRefName, makima_home
+from makima.models import Repository
+from makima.process import run_process
+from tests.fakes.repos import make_repo, set_identity, sh, show
+
+
+async def test_commits_get_a_fallback_identity_without_any_git_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    # Now a machine with no identity anywhere: no env, no global or system config.
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
+                "EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    (worktree / "new.txt").write_text("new\n")
+    head = await repo.commit_attempt(worktree, "makima: test commit")
+    author = sh("git", "log", "-1", "--format=%an <%ae>|%cn <%ce>", head, cwd=repo_path)
+    assert author == "makima <makima@localhost>|makima <makima@localhost>"
+
+
+async def test_merge_leaves_a_dirty_checkout_alone(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo", {"a.txt": "a\n"})
+    sh("git", "branch", "integration", cwd=repo_path)
+    sh("git", "checkout", "--quiet", "integration", cwd=repo_path)  # the user sits on it
+    (repo_path / "a.txt").write_text("uncommitted edit\n")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    (worktree / "b.txt").write_text("b\n")
+    commit = await repo.commit_attempt(worktree, "add b")
+    result = await repo.merge("main", commit, "merge b")
+    assert result.merged
+    assert show(repo_path, "main", "b.txt") == "b"
+    assert (repo_path / "a.txt").read_text() == "uncommitted edit\n"
+    assert not (repo_path / "b.txt").exists()
+
+
+async def test_branch_names_git_refuses_are_reported_clearly(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    set_identity(monkeypatch)
+    repo = GitRepository(make_repo(tmp_path / "repo"), tmp_path / "home")
+    with pytest.raises(InvalidRefName, match="refuses the branch name 'makima/bad..id'"):
+        await repo.ensure_integration_branch("makima/bad..id", "main")
+
+
+async def test_open_refuses_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="does not exist"):
+        await GitRepository.open(Repository(path=str(tmp_path / "nope")), tmp_path)
+
+
+def test_makima_home_is_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAKIMA_HOME", "relative/home")
+    assert makima_home().is_absolute() and makima_home().name == "home"
+    monkeypatch.delenv("MAKIMA_HOME")
+    assert makima_home() == (Path.cwd() / ".makima").resolve()
+
+
+async def test_output_of_a_50_mb_command_is_kept_as_a_bounded_tail(tmp_path: Path) -> None:
+    result = await run_process(
+        ["bash", "-c", "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo THE-END"],
+        cwd=tmp_path, tail_bytes=8192)
+    assert result.exit_code == 0
+    assert result.output.rstrip().endswith("THE-END")
+    assert len(result.output) < 9000
+    assert "truncated" in result.output.splitlines()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    result = await run_process(
+        ["bash", "-c", f"sleep 600 & echo $! > {pidfile}; echo started; wait"],
+        cwd=tmp_path, timeout_seconds=1)
+    child = int(pidfile.read_text())
+    try:
+        assert result.timed_out and result.exit_code is None
+        assert "started" in result.output and "timed out after 1 s" in result.output
+        for _ in range(50):
+            if not _alive(child):
+                break
+            await asyncio.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, 9)
+
+
+async def test_a_background_child_left_behind_does_not_hang_the_command(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    result = await asyncio.wait_for(run_process(
+        ["bash", "-c", f"sleep 600 & echo $! > {pidfile}; echo done"], cwd=tmp_path), 20)
+    child = int(pidfile.read_text())
+    try:
+        assert result.exit_code == 0 and "done" in result.output
+        for _ in range(50):
+            if not _alive(child):
+                break
+            await asyncio.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, 9)
