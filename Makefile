@@ -1,4 +1,5 @@
-# make test: create .venv if missing, install makima with its dev extras, lint, run every test.
+# make test: create .venv if missing, install makima with its dev and claude extras (the
+# claude_code adapter is tested through the real Claude Agent SDK), lint, run every test.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,claude]'
 	touch $(STAMP)
 
 lint: $(STAMP)
