@@ -54,6 +54,10 @@ RECORD_RETRY_POLICY = RetryPolicy(
     maximum_attempts=0,  # unlimited: an outage of the database must not lose events
 )
 
+#: A directive run continues as new, within its generation, once its history has
+#: this many events and no step is running (Temporal's own limit is 51,200;
+#: replay time grows with history length).
+HISTORY_CHECKPOINT_EVENTS = 5000
 #: How many recent events the `status` query carries.
 RECENT_EVENTS = 20
 #: Longest text (output tails, summaries) a workflow keeps in its state or events.

@@ -364,6 +364,11 @@ class DirectiveCarry(Model):
     breaker: str | None = None
     paused: bool = False
     integration_branch: str = ""
+    #: Set when a run continues as new in the middle of a generation because its
+    #: history grew large: the generation's plan and steps, taken up without re-planning.
+    current_plan: Plan | None = None
+    current_steps: list[StepState] = Field(default_factory=list)
+    reevaluations: dict[str, int] = Field(default_factory=dict)
 
 
 DirectiveSpec.model_rebuild()

@@ -416,3 +416,37 @@ async def test_user_supplied_invalid_plan_fails_with_every_problem(
     message = str(failure.value.cause)
     assert "used more than once" in message and "unknown step 'ghost'" in message
     assert stand.called(EXECUTE) == []
+
+
+async def test_a_long_generation_continues_as_new_without_losing_or_repeating_steps(
+        client: Client, task_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import makima.constants
+
+    monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
+    stand = StandIns()
+    names = [f"s{i}" for i in range(6)]
+    spec = spec_of(*[(n, [names[i - 1]] if i else []) for i, n in enumerate(names)],
+                   autonomy="full_auto")
+    async with engine_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        result = await handle.result()
+        await save_history(handle, client, "checkpoint")
+        runs, lengths = 0, []
+        run_id = handle.first_execution_run_id
+        while run_id:
+            history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+            runs += 1
+            lengths.append(len(history.events))
+            last = history.events[-1]
+            run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                      if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                      else None)
+
+    assert result.status is DirectiveStatus.COMPLETED
+    assert result.generation == 1, "a checkpoint is not a new generation"
+    assert [s.status.value for s in result.steps] == ["passed"] * 6
+    assert stand.order(EXECUTE) == names, "every step ran exactly once, in order"
+    assert runs >= 3
+    assert max(lengths) < 40 + 40, lengths  # a run ends soon after passing the threshold
+    seqs = [e.seq for e in stand.events if e.source == handle.id]
+    assert sorted(seqs) == list(range(1, len(seqs) + 1)), "event numbering survives each run"

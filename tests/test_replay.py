@@ -17,6 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+import makima.constants
 from workflows.directive import DirectiveWorkflow
 from workflows.step import StepWorkflow
 
@@ -26,7 +27,8 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 def test_every_scenario_has_a_recorded_history() -> None:
     names = {p.name.rsplit("-", 1)[0] for p in HISTORIES if "-step" not in p.name}
     expected = {"fanout", "rework", "replan", "replan-budget", "approval", "deny", "pause",
-                "stop", "cost-breaker", "wall-time", "update-goal", "invalid-plan", "reevaluate"}
+                "stop", "cost-breaker", "wall-time", "update-goal", "invalid-plan", "reevaluate",
+                "checkpoint"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}
@@ -39,7 +41,9 @@ def load(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
-async def test_recorded_history_replays(path: Path) -> None:
+async def test_recorded_history_replays(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path.name.startswith("checkpoint-"):  # recorded with a low checkpoint threshold
+        monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
     fixture = load(path)
     history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
     replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],

@@ -109,6 +109,7 @@ class DirectiveWorkflow:
         self._stop_reason: str | None = None
         self._goal_update: GoalUpdate | None = None
         self._changed = False
+        self._checkpoint = False
         self._launching = 0
         self._last_status: DirectiveStatus | None = None
         self._last_visible = ""
@@ -127,19 +128,26 @@ class DirectiveWorkflow:
                 })
                 if not await self._prepare():
                     return await self._finish()
-            self._event(EventType.GENERATION_STARTED, self._replan_reason or "first plan",
-                        data={"generation": self._generation, "reason": self._replan_reason})
-            self._publish()
-            plan = await self._plan()
-            if plan is None:
-                return await self._finish()
-            self._install(plan)
+            if not self._steps:  # a new generation (not one taken up after a checkpoint)
+                self._event(EventType.GENERATION_STARTED, self._replan_reason or "first plan",
+                            data={"generation": self._generation, "reason": self._replan_reason})
+                self._publish()
+                plan = await self._plan()
+                if plan is None:
+                    return await self._finish()
+                self._install(plan)
             self._phase = _Phase.RUNNING
             self._publish()
             await self._run_steps()
-            if self._final is None:  # the generation ended to make room for the next
-                return await self._next_generation()
-            return await self._finish()
+            if self._final is not None:
+                return await self._finish()
+            if self._checkpoint:
+                return await self._continue(self._spec, self._carry(
+                    generation=self._generation, current_plan=self._plan_model,
+                    current_steps=list(self._steps.values()), previous_steps=self._previous,
+                    previous_plan=self._previous_plan, replan_reason=self._replan_reason,
+                    reevaluations=self._reevaluations))
+            return await self._next_generation()
         except asyncio.CancelledError:
             # cancelled from outside (e.g. `temporal workflow cancel`): same as stop
             self._stop_reason = self._stop_reason or "the workflow was cancelled"
@@ -167,6 +175,11 @@ class DirectiveWorkflow:
         self._user_paused = carry.paused
         self._branch = carry.integration_branch or integration_branch(self._id)
         self._log = EventLog(self._id, self._id, carry.event_seq)
+        if carry.current_plan is not None:
+            self._plan_model = carry.current_plan
+            self._planned = {s.name: s for s in carry.current_plan.steps}
+            self._steps = {s.name: s for s in carry.current_steps}
+            self._reevaluations = dict(carry.reevaluations)
 
     # ================================================================== planning
 
@@ -280,7 +293,11 @@ class DirectiveWorkflow:
             running = any(s.status.is_active for s in self._steps.values())
             if ending and not running and not self._paused:
                 return  # the caller moves to the next generation or fails
-            if not ending and not self._paused:
+            # a long generation continues as new once no step is running
+            self._checkpoint = not ending and self._history_is_large()
+            if self._checkpoint and not running:
+                return
+            if not ending and not self._checkpoint and not self._paused:
                 self._launch_ready()
             self._publish()
             self._changed = False
@@ -291,6 +308,11 @@ class DirectiveWorkflow:
                 )
             except TimeoutError:
                 pass  # the wall-time budget ran out; the next turn trips the breaker
+
+    def _history_is_large(self) -> bool:
+        info = workflow.info()
+        return (info.get_current_history_length() >= c.HISTORY_CHECKPOINT_EVENTS
+                or info.is_continue_as_new_suggested())
 
     def _statuses(self) -> dict[str, StepStatus]:
         return {name: s.status for name, s in self._steps.items()}
@@ -454,21 +476,23 @@ class DirectiveWorkflow:
             user_plan = update.plan
             reason = f"the goal changed: {update.goal}"
             replans = self._replans  # a person's change of goal is not a failure
-        carry = DirectiveCarry(
-            generation=self._generation + 1,
-            started_at=self._started_at,
-            cost_usd=self._cost,
-            replans=replans,
-            failed_steps=self._failed_steps,
-            event_seq=self._log.seq,
-            previous_steps=list(self._steps.values()),
-            previous_plan=self._plan_model,
-            replan_reason=reason[: c.MAX_TEXT_IN_HISTORY],
-            user_plan=user_plan,
-            breaker=self._breaker,
-            paused=self._user_paused,
-            integration_branch=self._branch,
-        )
+        return await self._continue(spec, self._carry(
+            generation=self._generation + 1, replans=replans,
+            previous_steps=list(self._steps.values()), previous_plan=self._plan_model,
+            replan_reason=reason[: c.MAX_TEXT_IN_HISTORY], user_plan=user_plan))
+
+    def _carry(self, **fields: Any) -> DirectiveCarry:
+        """What the next run needs; `fields` say what differs from this run."""
+        base: dict[str, Any] = {
+            "generation": self._generation, "started_at": self._started_at,
+            "cost_usd": self._cost, "replans": self._replans,
+            "failed_steps": self._failed_steps, "event_seq": self._log.seq,
+            "breaker": self._breaker, "paused": self._user_paused,
+            "integration_branch": self._branch,
+        }
+        return DirectiveCarry(**(base | fields))
+
+    async def _continue(self, spec: DirectiveSpec, carry: DirectiveCarry) -> DirectiveSnapshot:
         await workflow.wait_condition(workflow.all_handlers_finished)
         await self._log.drain()
         workflow.continue_as_new(spec.model_copy(update={"carry": carry}))
