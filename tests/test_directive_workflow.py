@@ -268,6 +268,7 @@ async def test_cost_breaker_pauses_and_raise_budget_then_resume_completes(
 
     assert result.status is DirectiveStatus.COMPLETED
     assert result.cost_usd == pytest.approx(1.8)
+    assert [s.cost_usd for s in result.steps] == pytest.approx([0.6, 0.6, 0.6])
     assert result.budgets.max_cost_usd == 10.0
 
 

@@ -102,6 +102,7 @@ class DirectiveWorkflow:
         self._planned: dict[str, PlannedStep] = {}
         self._children: dict[str, workflow.ChildWorkflowHandle[Any, StepResult]] = {}
         self._progress_seq: dict[str, int] = {}
+        self._run_cost: dict[str, float] = {}  # per step: spend reported by its current run
         self._reevaluations: dict[str, int] = {}
         self._pending: dict[str, PendingApproval] = {}
         self._user_paused = False
@@ -347,6 +348,7 @@ class DirectiveWorkflow:
             rework_count=state.rework_count,
         )
         self._progress_seq[name] = 0
+        self._run_cost[name] = 0.0
         self._set_step(name, status=StepStatus.EVALUATING if reevaluate else StepStatus.RUNNING,
                        attempts=state.attempts + 1, workflow_id=wf_id, reason="")
         self._launching += 1
@@ -356,11 +358,11 @@ class DirectiveWorkflow:
         try:
             try:
                 handle = await workflow.start_child_workflow(
-                StepWorkflow.run,
-                step_input,
-                id=wf_id,
-                task_queue=workflow.info().task_queue,
-                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                    StepWorkflow.run,
+                    step_input,
+                    id=wf_id,
+                    task_queue=workflow.info().task_queue,
+                    parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
                     static_summary=f"{name}: {step_input.step.description}"[:200],
                 )
             finally:
@@ -385,16 +387,16 @@ class DirectiveWorkflow:
 
     def _on_result(self, result: StepResult) -> None:
         state = self._steps[result.name]
-        extra = round(result.usage.cost_usd - state.cost_usd, 6)
-        if extra > 0:
-            self._cost = round(self._cost + extra, 6)
+        # what the run spent that its progress reports did not carry
+        extra = max(0.0, round(result.usage.cost_usd - self._run_cost.get(result.name, 0.0), 6))
+        self._cost = round(self._cost + extra, 6)
         if result.status in (StepStatus.FAILED, StepStatus.BLOCKED):
             self._failed_steps += 1
         self._set_step(
             result.name, status=result.status, attempts=max(state.attempts, result.attempts),
             rework_count=result.rework_count, score=result.score, confidence=result.confidence,
             summary=result.summary, reason=result.reason, branch=result.branch,
-            commit=result.commit, cost_usd=max(state.cost_usd, result.usage.cost_usd))
+            commit=result.commit, cost_usd=round(state.cost_usd + extra, 6))
 
     @workflow.signal(name=PROGRESS_SIGNAL)
     def step_progress(self, progress: StepProgress) -> None:
@@ -407,6 +409,7 @@ class DirectiveWorkflow:
         self._progress_seq[progress.name] = progress.seq
         spent = progress.usage.cost_usd
         self._cost = round(self._cost + spent, 6)
+        self._run_cost[progress.name] = self._run_cost.get(progress.name, 0.0) + spent
         changes: dict[str, Any] = {
             "status": progress.status,
             "attempts": max(state.attempts, progress.attempt),
