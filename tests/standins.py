@@ -23,7 +23,6 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from makima.constants import HEARTBEAT_THROTTLE
 from makima.contracts import (
     ActivityName,
     CheckoutInput,
@@ -54,8 +53,8 @@ from makima.models import (
     Repository,
     Usage,
 )
+from worker import build_worker
 from workflows.directive import DirectiveWorkflow
-from workflows.step import StepWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -217,14 +216,8 @@ class StandIns:
 
 
 def engine_worker(client: Client, task_queue: str, activities: list[Callable[..., Any]]) -> Worker:
-    return Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[DirectiveWorkflow, StepWorkflow],
-        activities=activities,
-        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-        default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-    )
+    """The worker `worker.py` runs, with the given (stand-in) activities."""
+    return build_worker(client, task_queue, activities)
 
 
 async def start(client: Client, task_queue: str, spec: DirectiveSpec,
