@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint unit clean
+.PHONY: test demo lint unit clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/python starter.py demo
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/test_models.py tests/test_dag.py tests/test_policy.py

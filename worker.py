@@ -2,7 +2,14 @@
 connected to Temporal (see makima/connection.py) and Postgres (DATABASE_URL, or
 the embedded server under MAKIMA_HOME).
 
-    python worker.py [--task-queue makima]
+    python worker.py [--task-queue makima] [--max-concurrent-steps N]
+
+`--max-concurrent-steps N` bounds how many agent runs (`execute_step`) this
+worker does at once; other activities (evaluation, git, records) are not held
+back by it. A step beyond the bound waits inside its activity for a slot,
+heartbeating (with the previous attempt's details, so a retried attempt still
+finds its agent session) so Temporal does not time it out meanwhile.
+Each directive or step state change is logged as one line.
 
 SIGTERM or Ctrl-C stops polling and lets running activities finish for up to
 --graceful-seconds; what is still running then is cancelled and Temporal
@@ -15,10 +22,11 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -28,6 +36,14 @@ from activities.planning import PlanningActivities
 from activities.record import RecordActivities
 from makima.connection import connect_temporal, task_queue
 from makima.constants import HEARTBEAT_THROTTLE
+from makima.contracts import (
+    ActivityName,
+    EventType,
+    ExecuteInput,
+    ExecuteOutput,
+    RecordInput,
+    RecordOutput,
+)
 from makima.llm.client import LLMClient, llm_from_env
 from makima.store import create_pool
 from workflows.directive import DirectiveWorkflow
@@ -36,13 +52,65 @@ from workflows.step import StepWorkflow
 log = logging.getLogger("makima.worker")
 
 
-def all_activities(llm: LLMClient | None, pool: Any) -> list[Callable[..., Any]]:
+def all_activities(llm: LLMClient | None, pool: Any, *,
+                   max_concurrent_steps: int | None = None) -> list[Callable[..., Any]]:
+    execution = ExecutionActivities()
+    execution_activities = execution.activities()
+    if max_concurrent_steps is not None:
+        execution_activities = [
+            bounded_execute_step(a, max_concurrent_steps)
+            if a == execution.execute_step else a
+            for a in execution_activities
+        ]
+    record = RecordActivities(pool)
     return [
         *PlanningActivities(llm).activities(),
         *EvaluationActivities(llm).activities(),
-        *ExecutionActivities().activities(),
-        *RecordActivities(pool).activities(),
+        *execution_activities,
+        logged_record_events(record.record_events),
     ]
+
+
+def bounded_execute_step(execute: Callable[[ExecuteInput], Awaitable[ExecuteOutput]],
+                         limit: int) -> Callable[..., Any]:
+    """`execute_step` that runs at most `limit` at once on this worker."""
+    if limit < 1:
+        raise ValueError(f"--max-concurrent-steps must be at least 1, got {limit}")
+    slots = asyncio.Semaphore(limit)
+
+    @activity.defn(name=ActivityName.EXECUTE_STEP.value)
+    async def execute_step(input: ExecuteInput) -> ExecuteOutput:
+        while True:
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=HEARTBEAT_THROTTLE.total_seconds())
+                break
+            except TimeoutError:
+                activity.heartbeat(*activity.info().heartbeat_details)
+        try:
+            return await execute(input)
+        finally:
+            slots.release()
+
+    return execute_step
+
+
+def logged_record_events(record: Callable[[RecordInput], Awaitable[RecordOutput]]
+                         ) -> Callable[..., Any]:
+    """`record_events` that also logs one line per directive or step state change."""
+
+    @activity.defn(name=ActivityName.RECORD_EVENTS.value)
+    async def record_events(batch: RecordInput) -> RecordOutput:
+        written = await record(batch)
+        for event in batch.events:
+            if event.type is EventType.DIRECTIVE_STATUS:
+                log.info("%s: %s%s", event.directive_id, event.data.get("status"),
+                         f" ({event.data['reason']})" if event.data.get("reason") else "")
+            elif event.type is EventType.STEP_STATUS:
+                log.info("%s: step %s %s (attempt %s)", event.directive_id, event.step,
+                         event.data.get("status"), event.data.get("attempts"))
+        return written
+
+    return record_events
 
 
 def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]], *,
@@ -58,18 +126,20 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
     )
 
 
-async def run(queue: str, graceful_seconds: float) -> None:
+async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | None = None) -> None:
     client = await connect_temporal()
     pool = await create_pool()
     llm = llm_from_env()
-    worker = build_worker(client, queue, all_activities(llm, pool),
+    worker = build_worker(client, queue,
+                          all_activities(llm, pool, max_concurrent_steps=max_concurrent_steps),
                           graceful_seconds=graceful_seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("makima worker: task queue %s, LLM %s", queue,
-             "configured" if llm else "not configured (plans must be supplied)")
+    log.info("makima worker: task queue %s, LLM %s, at most %s steps at once", queue,
+             "configured" if llm else "not configured (plans must be supplied)",
+             max_concurrent_steps or "any number of")
     try:
         async with worker:
             await stop.wait()
@@ -85,9 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-queue", default=task_queue())
     parser.add_argument("--graceful-seconds", type=float, default=30.0,
                         help="how long running activities may finish after SIGTERM")
+    parser.add_argument("--max-concurrent-steps", type=int, default=None,
+                        help="at most this many agent runs (execute_step) at once on this worker")
     args = parser.parse_args(argv)
+    if args.max_concurrent_steps is not None and args.max_concurrent_steps < 1:
+        parser.error("--max-concurrent-steps must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(run(args.task_queue, args.graceful_seconds))
+    asyncio.run(run(args.task_queue, args.graceful_seconds, args.max_concurrent_steps))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,406 @@
+"""One coroutine per `makima` command. Each returns the exit code (makima.cli:
+0 ok, 1 the directive failed or the action was refused, 2 bad input) or raises
+CommandError with the code and a message for the user.
+
+Steering commands are sent as the workflow's *updates*, so the answer (accepted,
+or rejected and why) is printed at once. `list` and `events` read the Postgres
+read model (DATABASE_URL, else the embedded server under MAKIMA_HOME);
+everything else talks to Temporal only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from makima.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, render
+from makima.connection import connect_temporal, task_queue
+from makima.contracts import new_directive_id
+from makima.models import (
+    ApprovalDecision,
+    BudgetRaise,
+    DirectiveSnapshot,
+    DirectiveSpec,
+    DirectiveStatus,
+    Empty,
+    GoalUpdate,
+    StopRequest,
+    UpdateAnswer,
+)
+
+WORKFLOW_TYPE = "DirectiveWorkflow"
+STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaStatus")
+OWNER_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaOwner")
+GENERATION_ATTRIBUTE = SearchAttributeKey.for_int("MakimaGeneration")
+POLL_SECONDS = 0.5
+
+
+class CommandError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def temporal_address() -> str:
+    return os.environ.get("TEMPORAL_ADDRESS", "localhost:7233")
+
+
+def ui_base() -> str:
+    from makima.devstack import ui_url_for
+
+    return os.environ.get("MAKIMA_UI_URL") or ui_url_for(temporal_address())
+
+
+def ui_link(directive_id: str) -> str:
+    namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    return f"{ui_base()}/namespaces/{namespace}/workflows/{directive_id}"
+
+
+async def connect() -> Client:
+    try:
+        return await connect_temporal()
+    except Exception as error:
+        raise CommandError(EXIT_REFUSED, f"cannot reach Temporal at {temporal_address()}: "
+                                         f"{error}. Start it with `makima dev`, or set "
+                                         "TEMPORAL_ADDRESS") from None
+
+
+def emit_json(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    print(json.dumps(value, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- start
+
+
+async def cluster_has_search_attributes(client: Client) -> bool:
+    """Whether MakimaStatus/Owner/Generation are registered. MAKIMA_SEARCH_ATTRIBUTES=1/0
+    answers without asking (clusters where the operator service is not allowed)."""
+    forced = os.environ.get("MAKIMA_SEARCH_ATTRIBUTES", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        answer = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace))
+    except Exception:
+        return False  # never fail a start for the sake of the list view
+    names = set(answer.custom_attributes)
+    return {"MakimaStatus", "MakimaOwner", "MakimaGeneration"} <= names
+
+
+async def start_directive(client: Client, spec: DirectiveSpec,
+                          directive_id: str | None = None) -> WorkflowHandle[Any, Any]:
+    directive_id = directive_id or new_directive_id(spec.title, uuid.uuid4().hex)
+    attributes = None
+    if await cluster_has_search_attributes(client):
+        attributes = TypedSearchAttributes([
+            SearchAttributePair(STATUS_ATTRIBUTE, DirectiveStatus.PLANNING.value),
+            SearchAttributePair(OWNER_ATTRIBUTE, spec.owner),
+            SearchAttributePair(GENERATION_ATTRIBUTE, 1),
+        ])
+    try:
+        return await client.start_workflow(
+            WORKFLOW_TYPE, spec, id=directive_id, task_queue=task_queue(),
+            result_type=DirectiveSnapshot, search_attributes=attributes,
+            static_summary=spec.title,
+            static_details=f"{spec.goal[:1000]}\n\nrepository: {spec.repository.location}")
+    except WorkflowAlreadyStartedError:
+        raise CommandError(EXIT_BAD_INPUT, f"a directive with id {directive_id!r} already "
+                                           "exists; choose another --id") from None
+
+
+OnSnapshot = Callable[[DirectiveSnapshot], Awaitable[None]]
+
+
+async def follow_directive(client: Client, directive_id: str, *, show: bool = True,
+                           on_snapshot: OnSnapshot | None = None) -> DirectiveSnapshot:
+    """Poll the `status` query until the directive ends, redrawing the live table
+    (in place on a terminal, else printed again whenever it changes)."""
+    handle = client.get_workflow_handle(directive_id)  # no run id: follows continue-as-new
+    tty = sys.stdout.isatty()
+    drawn_lines = 0
+    last = ""
+    while True:
+        snapshot = await query_status(handle)
+        if show:
+            view = render.live_view(snapshot)
+            comparable = view.split("\n", 1)[1]  # without the headline's ticking clock
+            if tty:
+                if drawn_lines:
+                    sys.stdout.write(f"\x1b[{drawn_lines}F\x1b[J")
+                sys.stdout.write(view + "\n")
+                sys.stdout.flush()
+                drawn_lines = view.count("\n") + 1
+            elif comparable != last:
+                print(view + "\n", flush=True)
+            last = comparable
+        if snapshot.status.is_final:
+            return snapshot
+        if on_snapshot is not None:
+            await on_snapshot(snapshot)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def cmd_start(args: Any) -> int:
+    from makima.cli.spec import load_spec
+
+    spec = load_spec(args.spec, title=args.title, goal=args.goal, repo=args.repo,
+                     plan=args.plan)
+    client = await connect()
+    handle = await start_directive(client, spec, args.id)
+    if not args.wait:
+        if args.json:
+            emit_json({"directive_id": handle.id, "run_id": handle.result_run_id,
+                       "ui": ui_link(handle.id)})
+        else:
+            print(f"started {handle.id}\n  status: makima status {handle.id}\n"
+                  f"  UI:     {ui_link(handle.id)}")
+        return EXIT_OK
+    if not args.json:
+        print(f"started {handle.id}  ({ui_link(handle.id)})", flush=True)
+    final = await follow_directive(client, handle.id, show=not args.json)
+    if args.json:
+        emit_json(final)
+    return EXIT_OK if final.status is DirectiveStatus.COMPLETED else EXIT_REFUSED
+
+
+# --------------------------------------------------------------------------- reading
+
+
+async def query_status(handle: WorkflowHandle[Any, Any]) -> DirectiveSnapshot:
+    try:
+        return await handle.query("status", result_type=DirectiveSnapshot)
+    except RPCError as error:
+        if error.status is RPCStatusCode.NOT_FOUND:
+            raise CommandError(EXIT_BAD_INPUT, f"no directive with id {handle.id!r}") from None
+        raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
+    except WorkflowQueryFailedError as error:
+        raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
+
+
+async def cmd_status(args: Any) -> int:
+    client = await connect()
+    snapshot = await query_status(client.get_workflow_handle(args.id))
+    if args.json:
+        emit_json(snapshot)
+    else:
+        print(render.status_view(snapshot))
+        print(f"\nUI: {ui_link(args.id)}")
+    return EXIT_OK
+
+
+async def _with_pool(work: Callable[[Any], Awaitable[int]]) -> int:
+    from makima.store import StoreError, create_pool
+
+    try:
+        pool = await create_pool(min_size=1, max_size=2)
+    except StoreError as error:
+        raise CommandError(EXIT_REFUSED, str(error)) from None
+    try:
+        return await work(pool)
+    finally:
+        await pool.close()
+
+
+async def cmd_list(args: Any) -> int:
+    from makima.store import InvalidFilter
+    from makima.store.reads import list_directives
+
+    async def work(pool: Any) -> int:
+        try:
+            found = await list_directives(pool, status=args.status, owner=args.owner,
+                                          limit=args.limit)
+        except InvalidFilter as error:
+            raise CommandError(EXIT_BAD_INPUT, str(error)) from None
+        if args.json:
+            emit_json([d.model_dump(mode="json") for d in found])
+        else:
+            print(render.directive_list(found))
+        return EXIT_OK
+
+    return await _with_pool(work)
+
+
+async def cmd_events(args: Any) -> int:
+    from makima.store import NotFound
+    from makima.store.reads import event_tail
+    from makima.store.watch import watch_events
+
+    async def work(pool: Any) -> int:
+        try:
+            backlog = await event_tail(pool, args.id, limit=args.limit)
+            for event in backlog:
+                print(render.event_line(event), flush=True)
+            if args.follow:
+                after = backlog[-1].position if backlog else 0
+                if backlog and backlog[-1].type == "directive_status" and \
+                        backlog[-1].data.get("status") in ("completed", "failed", "stopped"):
+                    return EXIT_OK
+                async for event in watch_events(pool, args.id, after=after, until_final=True):
+                    print(render.event_line(event), flush=True)
+        except NotFound as error:
+            raise CommandError(EXIT_BAD_INPUT, f"{error} in the read model") from None
+        return EXIT_OK
+
+    return await _with_pool(work)
+
+
+async def cmd_dag(args: Any) -> int:
+    client = await connect()
+    snapshot = await query_status(client.get_workflow_handle(args.id))
+    if args.format == "text":
+        print(render.dag_text(snapshot))
+    elif args.format == "mermaid":
+        print(render.dag_mermaid(snapshot))
+    elif args.format == "dot":
+        print(render.dag_dot(snapshot))
+    else:
+        dot = shutil.which("dot")
+        if dot is None:
+            raise CommandError(EXIT_REFUSED, "--format png needs graphviz's `dot`, which is not "
+                                             "installed (apt-get install graphviz, brew install "
+                                             "graphviz); --format dot prints its input instead")
+        output = Path(args.output or f"{args.id}.png")
+        done = await asyncio.to_thread(
+            subprocess.run, [dot, "-Tpng", "-o", str(output)], input=render.dag_dot(snapshot),
+            text=True, capture_output=True, check=False)
+        if done.returncode != 0:
+            raise CommandError(EXIT_REFUSED, f"dot failed: {done.stderr.strip()}")
+        print(f"wrote {output}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- steering
+
+
+async def send_update(client: Client, directive_id: str, update: str,
+                      payload: BaseModel | None) -> UpdateAnswer:
+    handle = client.get_workflow_handle(directive_id)
+    try:
+        args = [payload] if payload is not None else []
+        return await handle.execute_update(update, args=args, result_type=UpdateAnswer)
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        message = getattr(cause, "message", None) or str(cause or error)
+        raise CommandError(EXIT_REFUSED, f"rejected: {message}") from None
+    except RPCError as error:
+        if error.status is RPCStatusCode.NOT_FOUND:
+            if "already completed" in str(error).lower() or "completed" in error.message.lower():
+                raise CommandError(EXIT_REFUSED, f"rejected: directive {directive_id} has "
+                                                 "already ended") from None
+            raise CommandError(EXIT_BAD_INPUT, f"no directive with id {directive_id!r}") from None
+        raise CommandError(EXIT_REFUSED, f"rejected: {error.message}") from None
+
+
+async def _steer(args: Any, update: str, payload: BaseModel | None) -> int:
+    client = await connect()
+    answer = await send_update(client, args.id, update, payload)
+    if not answer.accepted:
+        print(f"rejected: {answer.message}")
+        return EXIT_REFUSED
+    print(f"accepted: {answer.message}")
+    return EXIT_OK
+
+
+async def cmd_approve(args: Any) -> int:
+    return await _steer(args, "approve_step",
+                        ApprovalDecision(step=args.step, by=args.by, comment=args.comment))
+
+
+async def cmd_deny(args: Any) -> int:
+    return await _steer(args, "deny_step",
+                        ApprovalDecision(step=args.step, by=args.by, comment=args.comment))
+
+
+async def cmd_pause(args: Any) -> int:
+    return await _steer(args, "pause_directive", Empty())
+
+
+async def cmd_resume(args: Any) -> int:
+    return await _steer(args, "resume_directive", Empty())
+
+
+async def cmd_stop(args: Any) -> int:
+    return await _steer(args, "stop_directive", StopRequest(reason=args.reason))
+
+
+async def cmd_update_goal(args: Any) -> int:
+    plan = None
+    if args.plan is not None:
+        from makima.cli.spec import read_document
+
+        plan = read_document(args.plan)
+    from pydantic import ValidationError
+
+    from makima.cli.spec import pydantic_problems
+    from makima.errors import SpecError
+
+    try:
+        update = GoalUpdate.model_validate({
+            "goal": args.goal, "plan": plan,
+            "requirements": args.requirement or None})
+    except ValidationError as error:
+        raise SpecError(pydantic_problems(error)) from None
+    return await _steer(args, "update_directive_goal", update)
+
+
+async def cmd_raise_budget(args: Any) -> int:
+    from pydantic import ValidationError
+
+    from makima.cli.spec import pydantic_problems
+    from makima.errors import SpecError
+
+    try:
+        request = BudgetRaise(max_cost_usd=args.max_cost_usd,
+                              max_wall_time_minutes=args.max_wall_time_minutes,
+                              max_rework_cycles=args.max_rework_cycles)
+    except ValidationError as error:
+        raise SpecError(pydantic_problems(error)) from None
+    if not request.model_dump(exclude_none=True):
+        raise SpecError("name at least one budget: --max-cost-usd, --max-wall-time-minutes "
+                        "or --max-rework-cycles")
+    return await _steer(args, "raise_directive_budget", request)
+
+
+# --------------------------------------------------------------------------- stack
+
+
+async def cmd_dev(args: Any) -> int:
+    from makima.devstack import run_dev
+
+    return await run_dev(args.port, args.ui_port)
+
+
+async def cmd_demo(args: Any) -> int:
+    from makima.cli.demo import run_demo
+
+    return await run_demo(workdir=args.workdir, port=args.port, ui_port=args.ui_port)
+
+
+async def cmd_migrate(args: Any) -> int:
+    from makima.store.migrate import run_migrations
+
+    applied = await run_migrations()
+    print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
+    return EXIT_OK
