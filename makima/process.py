@@ -169,10 +169,9 @@ async def run_process(
     # The leader is gone; whatever it left running in its group goes too (a stray
     # background child would otherwise hold the output pipe open forever).
     kill_process_group(process.pid, signal.SIGKILL)
-    try:
+    # a grandchild that left the group may still hold the pipe: then stop reading
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(reader, 5.0)
-    except TimeoutError:
-        pass  # a grandchild that left the group still holds the pipe: stop reading
     output = tail.text()
     if timed_out:
         output += f"\n[killed: timed out after {timeout_seconds:g} s]"

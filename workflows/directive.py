@@ -14,6 +14,7 @@ whether the action was accepted; the `status` query shows everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +29,8 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from makima import constants as c
     from makima.contracts import (
         ActivityName,
@@ -92,7 +95,11 @@ class _Phase:
     DONE = "done"
 
 
-@workflow.defn(name="DirectiveWorkflow")
+# A spec that does not decode (wrong types, missing fields: `temporal workflow start
+# --input` checks nothing) fails the workflow with pydantic's message naming each
+# problem; as a plain task failure it would be retried forever. Updates whose payload
+# does not decode are rejected with that message too.
+@workflow.defn(name="DirectiveWorkflow", failure_exception_types=[ValidationError])
 class DirectiveWorkflow:
     def __init__(self) -> None:
         self._phase = _Phase.PLANNING
@@ -303,12 +310,10 @@ class DirectiveWorkflow:
             self._publish()
             self._changed = False
             self._log.flush()
-            try:
-                await workflow.wait_condition(
-                    lambda: self._changed, timeout=self._wall_time_left()
-                )
-            except TimeoutError:
-                pass  # the wall-time budget ran out; the next turn trips the breaker
+            # a timeout means the wall-time budget ran out: the next turn trips the breaker
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: self._changed,
+                                              timeout=self._wall_time_left())
 
     def _history_is_large(self) -> bool:
         info = workflow.info()

@@ -14,6 +14,7 @@ What does not live here: pools and migrations (`pool.py`, `migrate.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -104,10 +105,9 @@ async def _ensure_database(server: EmbeddedPostgres) -> None:
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME)
         if not exists:
-            try:
+            # another process may create it between our check and our create
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
                 await conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
-            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
-                pass  # another process created it between our check and our create
     finally:
         await conn.close()
 
