@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint unit clean
+.PHONY: test test-faults bench lint unit clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not faults"
+
+# Crashes, outages and runaway agents against real processes (a few minutes).
+test-faults: $(STAMP)
+	$(BIN)/pytest -m faults tests/test_faults.py
+
+# Benchmarks against a local dev server: prints tables, writes bench/results/<date>.json.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 demo: $(STAMP)
 	$(BIN)/python starter.py demo

@@ -35,7 +35,7 @@ from activities.execution import ExecutionActivities
 from activities.planning import PlanningActivities
 from activities.record import RecordActivities
 from makima.connection import connect_temporal, task_queue
-from makima.constants import HEARTBEAT_THROTTLE
+from makima.constants import HEARTBEAT_THROTTLE, WORKER_ACTIVITY_SLOTS
 from makima.contracts import (
     ActivityName,
     EventType,
@@ -120,6 +120,7 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
         task_queue=queue,
         workflows=[DirectiveWorkflow, StepWorkflow],
         activities=activities,
+        max_concurrent_activities=WORKER_ACTIVITY_SLOTS,
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=graceful_seconds),

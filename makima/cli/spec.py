@@ -26,6 +26,9 @@ def read_document(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text (byte {error.start} cannot be decoded); "
+                        "save the spec as UTF-8") from None
     except OSError as error:
         raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
     try:
