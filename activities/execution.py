@@ -24,7 +24,7 @@ import contextlib
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,35 @@ class ExecutionActivities:
         return [self.prepare_repository, self.execute_step, self.checkout_step,
                 self.merge_step, self.cleanup_step, self.complete_directive]
 
+    @contextlib.asynccontextmanager
+    async def _alive(self) -> AsyncIterator[None]:
+        """For the git activities: translate makima errors, and heartbeat while the
+        body runs, so a worker that dies mid-merge is noticed within the heartbeat
+        timeout instead of the activity's whole start-to-close timeout."""
+        started = time.monotonic()
+
+        async def beat() -> None:
+            while True:
+                activity.heartbeat({"elapsed_seconds": round(time.monotonic() - started, 1)})
+                await asyncio.sleep(self.heartbeat_interval)
+
+        beating = asyncio.create_task(beat()) if activity.in_activity() else None
+        try:
+            with translated_errors():
+                yield
+        finally:
+            if beating is not None:
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
+
     async def _open(self, repository: Repository) -> GitRepository:
         return await GitRepository.open(repository, self.home)
 
     # ------------------------------------------------------------------ prepare
     @activity.defn(name=ActivityName.PREPARE_REPOSITORY.value)
     async def prepare_repository(self, input: PrepareInput) -> PrepareOutput:
-        with translated_errors():
+        async with self._alive():
             repo = await self._open(input.repository)
             branch = integration_branch(input.directive_id)
             async with repo.lock():
@@ -198,7 +220,7 @@ class ExecutionActivities:
     # ------------------------------------------------------------------ checkout
     @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
     async def checkout_step(self, input: CheckoutInput) -> ExecuteOutput:
-        with translated_errors():
+        async with self._alive():
             repo = await self._open(input.spec.repository)
             branch = step_branch(input.directive_id, input.step)
             worktree = repo.worktree_path(input.directive_id, f"{input.step}-a{input.attempt}")
@@ -237,7 +259,7 @@ class ExecutionActivities:
     # ------------------------------------------------------------------ merge
     @activity.defn(name=ActivityName.MERGE_STEP.value)
     async def merge_step(self, input: MergeInput) -> MergeOutput:
-        with translated_errors():
+        async with self._alive():
             repo = await self._open(input.repository)
             target = input.integration_branch
             if not input.commit:
@@ -269,7 +291,7 @@ class ExecutionActivities:
     # ------------------------------------------------------------------ cleanup
     @activity.defn(name=ActivityName.CLEANUP_STEP.value)
     async def cleanup_step(self, input: CleanupInput) -> CleanupOutput:
-        with translated_errors():
+        async with self._alive():
             try:
                 repo: GitRepository | None = await self._open(input.repository)
             except MakimaError:
@@ -294,7 +316,7 @@ class ExecutionActivities:
     # ------------------------------------------------------------------ complete
     @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)
     async def complete_directive(self, input: CompleteInput) -> CompleteOutput:
-        with translated_errors():
+        async with self._alive():
             repo = await self._open(input.spec.repository)
             async with directive_lock(self.home, input.directive_id), repo.lock():
                 await repo.fetch_branch(input.integration_branch)

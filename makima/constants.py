@@ -39,6 +39,9 @@ EVALUATE_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
 EVALUATE_RETRY_POLICY = PLAN_RETRY_POLICY
 
 GIT_TIMEOUT = timedelta(minutes=10)
+#: Git activities heartbeat while they run: a worker that dies mid-merge is
+#: noticed within this, not after the whole GIT_TIMEOUT.
+GIT_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 GIT_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,

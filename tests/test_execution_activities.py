@@ -430,3 +430,19 @@ async def test_cancelling_execute_step_kills_the_command_within_5_seconds(
         finally:
             if sleep_pid is not None and _alive(sleep_pid):
                 os.kill(sleep_pid, 9)
+
+
+async def test_git_activities_heartbeat_while_they_run(acts: ExecutionActivities, repo: Path) -> None:
+    """So a worker that dies mid-merge is noticed within GIT_HEARTBEAT_TIMEOUT."""
+    beats: list[object] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    repository = Repository(path=str(repo))
+    out = await env.run(acts.prepare_repository,
+                        PrepareInput(directive_id=DIRECTIVE, repository=repository))
+    assert beats and "elapsed_seconds" in beats[0][0]
+    beats.clear()
+    await env.run(acts.cleanup_step, CleanupInput(directive_id=DIRECTIVE, repository=repository,
+                                                   step="none"))
+    assert beats, "cleanup_step sent no heartbeat"
+    assert out.integration_branch == f"makima/{DIRECTIVE}"

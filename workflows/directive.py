@@ -198,6 +198,7 @@ class DirectiveWorkflow:
                 PrepareInput(directive_id=self._id, repository=self._spec.repository),
                 result_type=PrepareOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,
+                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
                 retry_policy=c.GIT_RETRY_POLICY,
                 summary=f"prepare {self._spec.repository.location}"[:200],
             )
@@ -446,6 +447,7 @@ class DirectiveWorkflow:
                               integration_branch=self._branch, steps=list(self._steps.values())),
                 result_type=CompleteOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,
+                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
                 retry_policy=c.GIT_RETRY_POLICY,
                 summary=f"completion: {self._spec.completion.value}",
             )

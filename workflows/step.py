@@ -261,6 +261,7 @@ class StepWorkflow:
                           integration_branch=i.integration_branch),
             result_type=ExecuteOutput,
             start_to_close_timeout=c.GIT_TIMEOUT,
+            heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
             retry_policy=c.GIT_RETRY_POLICY,
             summary=f"{i.step.name}: check out for re-evaluation",
         )
@@ -291,6 +292,7 @@ class StepWorkflow:
                            attempt=attempt, branch=execution.branch, commit=execution.commit),
                 result_type=MergeOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,
+                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
                 retry_policy=c.GIT_RETRY_POLICY,
                 summary=f"{i.step.name}: merge",
             )
@@ -309,6 +311,7 @@ class StepWorkflow:
                              step=i.step.name),
                 result_type=CleanupOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,
+                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
                 retry_policy=c.GIT_RETRY_POLICY,
                 summary=f"{i.step.name}: remove worktrees",
             )
