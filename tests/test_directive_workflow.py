@@ -417,6 +417,7 @@ async def test_user_supplied_invalid_plan_fails_with_every_problem(
     message = str(failure.value.cause)
     assert "used more than once" in message and "unknown step 'ghost'" in message
     assert stand.called(EXECUTE) == []
+    assert stand.called(ActivityName.PREPARE_REPOSITORY) == [], "nothing written to the repo"
 
 
 async def test_a_long_generation_continues_as_new_without_losing_or_repeating_steps(

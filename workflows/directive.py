@@ -134,6 +134,9 @@ class DirectiveWorkflow:
                     "title": spec.title, "owner": spec.owner,
                     "integration_branch": self._branch,
                 })
+                # a supplied plan is checked before anything is written to the repository
+                if workflow.patched("validate-supplied-plan-first") and not self._plan_ok():
+                    return await self._finish()
                 if not await self._prepare():
                     return await self._finish()
             if not self._steps:  # a new generation (not one taken up after a checkpoint)
@@ -249,6 +252,18 @@ class DirectiveWorkflow:
                           f"{refusal.reason}")
                 return None
             self._replans += 1
+
+    def _plan_ok(self) -> bool:
+        """False (and the directive failed) when the supplied first plan is invalid."""
+        if self._user_plan is None:
+            return True
+        errors = validate_plan(self._user_plan)
+        if not errors:
+            return True
+        self._event(EventType.PLAN_INVALID, "; ".join(errors), severity=Severity.WARNING,
+                    data={"errors": errors})
+        self._end(DirectiveStatus.FAILED, "the supplied plan is invalid: " + "; ".join(errors))
+        return False
 
     async def _ask_planner(self, previous: Plan | None, errors: list[str]) -> PlanOutput:
         self._log.flush()
