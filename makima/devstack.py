@@ -54,9 +54,12 @@ def temporal_binary() -> Path:
     return path
 
 
-def temporal_command(*, ip: str, port: int, ui_port: int, db_file: Path) -> list[str]:
+def temporal_command(*, ip: str, port: int, ui_port: int | None, db_file: Path,
+                     log_level: str = "warn") -> list[str]:
+    """The dev server as `dev` runs it; `ui_port=None` runs it without the UI."""
+    ui = ["--headless"] if ui_port is None else ["--ui-port", str(ui_port)]
     command = [str(temporal_binary()), "server", "start-dev", "--ip", ip, "--port", str(port),
-               "--ui-port", str(ui_port), "--db-filename", str(db_file), "--log-level", "warn"]
+               *ui, "--db-filename", str(db_file), "--log-level", log_level]
     for pragma in SQLITE_PRAGMAS:
         command += ["--sqlite-pragma", pragma]
     for name, kind in SEARCH_ATTRIBUTES.items():

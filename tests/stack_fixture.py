@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from makima.devstack import temporal_command
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -68,10 +69,8 @@ class DevServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            [str(BIN / "temporal"), "server", "start-dev", "--headless",
-             "--ip", "127.0.0.1", "--port", str(self.port), "--db-filename", str(self.db_file),
-             "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
-             "--log-level", "error"],
+            temporal_command(ip="127.0.0.1", port=self.port, ui_port=None, db_file=self.db_file,
+                             log_level="error"),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
