@@ -21,7 +21,6 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
 
 from makima.contracts import (
     ActivityName,
@@ -53,7 +52,6 @@ from makima.models import (
     Repository,
     Usage,
 )
-from worker import build_worker
 from workflows.directive import DirectiveWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -213,11 +211,6 @@ class StandIns:
 
         return [prepare_repository, plan_directive, execute_step, checkout_step, evaluate_step,
                 merge_step, cleanup_step, complete_directive, record_events]
-
-
-def engine_worker(client: Client, task_queue: str, activities: list[Callable[..., Any]]) -> Worker:
-    """The worker `worker.py` runs, with the given (stand-in) activities."""
-    return build_worker(client, task_queue, activities)
 
 
 async def start(client: Client, task_queue: str, spec: DirectiveSpec,

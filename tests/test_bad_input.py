@@ -28,7 +28,8 @@ from temporalio.testing import ActivityEnvironment
 from activities.execution import ExecutionActivities
 from makima.contracts import ActivityName, PrepareInput
 from makima.models import DirectiveSpec, DirectiveStatus, Repository
-from tests.standins import StandIns, engine_worker, spec_of, start, status, wait_until
+from tests.standins import StandIns, spec_of, start, status, wait_until
+from worker import build_worker
 
 GOOD: dict[str, Any] = {"title": "t", "goal": "g", "executor": "shell",
                         "repository": {"path": "/tmp/repo"},
@@ -116,7 +117,7 @@ async def test_invalid_supplied_plan_fails_the_directive_before_any_step(
         client: Client, task_queue: str, steps: list[dict[str, Any]], words: list[str]) -> None:
     fakes = StandIns()
     spec = DirectiveSpec.model_validate(good(plan={"steps": steps}))
-    async with engine_worker(client, task_queue, fakes.activities()):
+    async with build_worker(client, task_queue, fakes.activities()):
         handle = await start(client, task_queue, spec)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
@@ -149,7 +150,7 @@ async def test_malformed_workflow_input_fails_the_workflow_with_its_reason(
     """As `temporal workflow start --input '...'` would send it: the workflow must
     fail with the validation message, not retry its task forever."""
     fakes = StandIns()
-    async with engine_worker(client, task_queue, fakes.activities()):
+    async with build_worker(client, task_queue, fakes.activities()):
         handle = await client.start_workflow("DirectiveWorkflow", payload,
                                              id=f"directive-bad-{task_queue}",
                                              task_queue=task_queue)
@@ -205,7 +206,7 @@ async def test_bad_updates_are_rejected_and_bad_signals_change_nothing(
     exactly as before, with no failed workflow task, and still completes."""
     fakes = StandIns()
     gate = fakes.gate("a")
-    async with engine_worker(client, task_queue, fakes.activities()):
+    async with build_worker(client, task_queue, fakes.activities()):
         handle = await start(client, task_queue, spec_of(("a", []), ("b", ["a"])))
         await gate.reached.wait()
         before = await wait_until(handle, lambda s: s.steps[0].status.value == "running")

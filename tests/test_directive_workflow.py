@@ -27,7 +27,6 @@ from makima.models import (
 )
 from tests.standins import (
     StandIns,
-    engine_worker,
     plan_of,
     save_history,
     spec_of,
@@ -36,6 +35,7 @@ from tests.standins import (
     step_status,
     wait_until,
 )
+from worker import build_worker
 from workflows.directive import DirectiveWorkflow
 
 EXECUTE = ActivityName.EXECUTE_STEP
@@ -51,7 +51,7 @@ async def test_independent_steps_run_in_parallel_and_dependants_wait(
     stand.gate("a")
     stand.gate("b")
     spec = spec_of(("a", []), ("b", []), ("c", ["a", "b"]), autonomy="full_auto")
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await asyncio.wait_for(stand.gates["a"].reached.wait(), 20)
         await asyncio.wait_for(stand.gates["b"].reached.wait(), 20)
@@ -80,7 +80,7 @@ async def test_red_attempts_are_reworked_with_instructions_until_green(
         client: Client, task_queue: str) -> None:
     stand = StandIns(scores={"a": [0.2, 0.3, 0.9]})
     spec = spec_of(("a", []))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         result = await handle.result()
         await save_history(handle, client, "rework")
@@ -101,7 +101,7 @@ async def test_blocked_step_triggers_a_replan_that_keeps_passed_work(
     stand = StandIns(scores={"b": [0.1]})
     stand.plans = [plan_of(("a", []), ("b", ["a"])), plan_of(("b2", ["a"]))]
     spec = spec_of(budgets={"max_rework_cycles": 1})
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         result = await handle.result()
         await save_history(handle, client, "replan")
@@ -124,7 +124,7 @@ async def test_replan_budget_spent_fails_the_directive_with_the_reason(
     stand = StandIns(scores={"x": [0.1]})
     stand.plans = [plan_of(("x", [])), plan_of(("x", []))]
     spec = spec_of(budgets={"max_rework_cycles": 0, "max_chain_regenerations": 1})
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
@@ -144,7 +144,7 @@ async def test_yellow_waits_for_approval_and_approve_passes_it(
         client: Client, task_queue: str) -> None:
     stand = StandIns(scores={"a": [0.6]})
     spec = spec_of(("a", []), ("b", ["a"]))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         waiting = await wait_until(handle, lambda s: bool(s.pending_approvals))
         assert [p.step for p in waiting.pending_approvals] == ["a"]
@@ -168,7 +168,7 @@ async def test_yellow_waits_for_approval_and_approve_passes_it(
 async def test_deny_blocks_the_step(client: Client, task_queue: str) -> None:
     stand = StandIns(scores={"a": [0.6]})
     spec = spec_of(("a", []), ("b", ["a"]))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await wait_until(handle, lambda s: bool(s.pending_approvals))
         await handle.signal(DirectiveWorkflow.deny,
@@ -189,7 +189,7 @@ async def test_deny_blocks_the_step(client: Client, task_queue: str) -> None:
 async def test_full_auto_passes_yellow_without_a_person(client: Client, task_queue: str) -> None:
     stand = StandIns(scores={"a": [0.6]})
     spec = spec_of(("a", []), autonomy="full_auto")
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         result = await (await start(client, task_queue, spec)).result()
     assert result.status is DirectiveStatus.COMPLETED
     assert (result.steps[0].confidence.value, result.steps[0].status.value) == ("yellow", "passed")
@@ -201,7 +201,7 @@ async def test_pause_holds_new_launches_and_resume_continues(
     stand = StandIns()
     gate = stand.gate("a")
     spec = spec_of(("a", []), ("b", ["a"]))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await asyncio.wait_for(gate.reached.wait(), 20)
         answer = await handle.execute_update(DirectiveWorkflow.pause_directive)
@@ -229,7 +229,7 @@ async def test_stop_cancels_the_running_activity_and_ends_stopped(
     stand = StandIns()
     gate = stand.gate("a")  # never opened: only cancellation ends it
     spec = spec_of(("a", []), ("b", ["a"]))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await asyncio.wait_for(gate.reached.wait(), 20)
         answer = await handle.execute_update(DirectiveWorkflow.stop_directive,
@@ -249,7 +249,7 @@ async def test_cost_breaker_pauses_and_raise_budget_then_resume_completes(
         client: Client, task_queue: str) -> None:
     stand = StandIns(execute_cost=0.6)
     spec = spec_of(("a", []), ("b", ["a"]), ("c", ["b"]), budgets={"max_cost_usd": 1.0})
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         paused = await wait_until(handle, lambda s: s.breaker is not None)
         assert paused.status is DirectiveStatus.PAUSED
@@ -278,7 +278,7 @@ async def test_wall_time_breaker_pauses_when_time_runs_out(
     # a waits for a person (no activity running), so the test server can skip time
     stand = StandIns(scores={"a": [0.6]})
     spec = spec_of(("a", []), ("b", ["a"]), budgets={"max_wall_time_minutes": 30})
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await wait_until(handle, lambda s: bool(s.pending_approvals))
         await temporal_env.sleep(timedelta(minutes=31))
@@ -305,7 +305,7 @@ async def test_update_goal_mid_run_replans_a_generation_that_keeps_passed_steps(
     gate = stand.gate("b")
     stand.plans = [plan_of(("a", []), ("b", ["a"])), plan_of(("c", ["b"]))]
     spec = spec_of()
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await asyncio.wait_for(gate.reached.wait(), 20)
         answer = await handle.execute_update(
@@ -334,7 +334,7 @@ async def test_invalid_plan_is_fed_back_and_the_second_plan_runs(
         client: Client, task_queue: str) -> None:
     stand = StandIns()
     stand.plans = [plan_of(("a", ["b"]), ("b", ["a"])), plan_of(("a", []), ("b", ["a"]))]
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec_of())
         result = await handle.result()
         await save_history(handle, client, "invalid-plan")
@@ -353,7 +353,7 @@ async def test_updates_reject_unknown_steps_and_approvals_with_nothing_pending(
     stand = StandIns()
     gate = stand.gate("a")
     spec = spec_of(("a", []), approvers=["alice"])
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await asyncio.wait_for(gate.reached.wait(), 20)
         with pytest.raises(WorkflowUpdateFailedError) as unknown:
@@ -379,7 +379,7 @@ async def test_approver_outside_the_list_is_rejected_and_reevaluate_reruns_evalu
         client: Client, task_queue: str) -> None:
     stand = StandIns(scores={"a": [0.6, 0.95]})
     spec = spec_of(("a", []), approvers=["alice"])
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         await wait_until(handle, lambda s: bool(s.pending_approvals))
         with pytest.raises(WorkflowUpdateFailedError) as outsider:
@@ -398,7 +398,7 @@ async def test_approver_outside_the_list_is_rejected_and_reevaluate_reruns_evalu
 async def test_merge_conflict_is_reworked_with_the_files_named(
         client: Client, task_queue: str) -> None:
     stand = StandIns(conflicts={"a": 1})
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         result = await (await start(client, task_queue, spec_of(("a", [])))).result()
     assert result.status is DirectiveStatus.COMPLETED
     second = stand.called(EXECUTE, "a")[1]
@@ -410,7 +410,7 @@ async def test_user_supplied_invalid_plan_fails_with_every_problem(
         client: Client, task_queue: str) -> None:
     stand = StandIns()
     spec = spec_of(("a", ["ghost"]), ("a", []))
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
@@ -429,7 +429,7 @@ async def test_a_long_generation_continues_as_new_without_losing_or_repeating_st
     names = [f"s{i}" for i in range(6)]
     spec = spec_of(*[(n, [names[i - 1]] if i else []) for i, n in enumerate(names)],
                    autonomy="full_auto")
-    async with engine_worker(client, task_queue, stand.activities()):
+    async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec)
         result = await handle.result()
         await save_history(handle, client, "checkpoint")

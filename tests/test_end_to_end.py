@@ -24,6 +24,7 @@ from activities.record import RecordActivities
 from makima.llm.client import llm_from_env
 from makima.models import DirectiveSpec, DirectiveStatus
 from makima.store.reads import directive_state, snapshot_differences
+from tests.fakes.repos import make_repo, set_identity
 from tests.messages_server import MessagesServer, tool_reply
 from tests.postgres_fixture import pg_pool, postgres  # noqa: F401 (fixtures)
 from tests.standins import start
@@ -38,16 +39,8 @@ def git(repo: Path, *args: str) -> str:
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MAKIMA_HOME", str(tmp_path / "home"))
-    for key, value in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}.items():
-        monkeypatch.setenv(key, value)
-    path = tmp_path / "repo"
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    (path / "README.md").write_text("demo\n")
-    git(path, "add", ".")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
+    set_identity(monkeypatch)
+    return make_repo(tmp_path / "repo", {"README.md": "demo\n"})
 
 
 def judged(score: float) -> object:

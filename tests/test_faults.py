@@ -48,6 +48,7 @@ from makima.models import ApprovalDecision, DirectiveSnapshot, DirectiveSpec, Di
 from makima.store.embedded import EmbeddedPostgres, start_embedded, stop_embedded
 from makima.store.pool import create_pool
 from makima.store.reads import directive_state, snapshot_differences
+from tests.fakes.repos import IDENTITY, make_repo, set_identity
 from tests.messages_server import MessagesServer, ReceivedRequest, Reply, error_reply, tool_reply
 from tests.stack_fixture import DevServer, WorkerProcess
 from workflows.directive import DirectiveWorkflow
@@ -116,21 +117,10 @@ def git(repo: Path, *args: str) -> str:
                           text=True).stdout
 
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key, value in GIT_IDENTITY.items():
-        monkeypatch.setenv(key, value)
-    path = tmp_path / "repo"
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    (path / "README.md").write_text("demo\n")
-    git(path, "add", ".")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
+    set_identity(monkeypatch)
+    return make_repo(tmp_path / "repo", {"README.md": "demo\n"})
 
 
 class Workers:
@@ -146,7 +136,7 @@ class Workers:
             "MAKIMA_HOME": str(folder / "home"),
             "MAKIMA_AUTO_CHECKS": "0",
             "ANTHROPIC_API_KEY": "",
-            **GIT_IDENTITY,
+            **IDENTITY,
             **env,
         }
         self.started: list[WorkerProcess] = []
