@@ -381,6 +381,9 @@ class ApprovalDecision(Model):
     step: str
     by: str = "anonymous"
     comment: str = ""
+    # The attempt the person saw. None (older clients) means "whatever waits now";
+    # a named attempt that no longer waits is refused by the directive's validator.
+    attempt: int | None = None
 
 
 class StopRequest(Model):
