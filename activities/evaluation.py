@@ -18,7 +18,8 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.planning import llm_application_error, llm_not_configured
+from activities.errors import application_error
+from activities.planning import llm_not_configured
 from makima import evaluation as ev
 from makima.contracts import ActivityName, EvaluateInput
 from makima.errors import LLMError
@@ -161,7 +162,7 @@ class EvaluationActivities:
                     max_tokens=JUDGE_MAX_TOKENS,
                 )
             except LLMError as exc:
-                raise llm_application_error(exc) from exc
+                raise application_error(exc) from exc
             verdict, usage = result.value, result.usage
             evaluator = f"llm:{model}+checks" if checks else f"llm:{model}"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities.errors import translated_errors
 from makima.completion import complete
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import (
@@ -49,7 +49,7 @@ from makima.contracts import (
     integration_branch,
     step_branch,
 )
-from makima.errors import LLMRetryableError, MakimaError
+from makima.errors import MakimaError
 from makima.executors import ExecutionRequest, Executor, Progress, executor_for
 from makima.git import (
     GitRepository,
@@ -65,24 +65,6 @@ from makima.process import truncate_tail
 #: sends (worker option max_heartbeat_throttle_interval), and a cancel is noticed only
 #: with a heartbeat's answer, so this bounds how fast a cancel kills the agent.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
-
-
-def application_error(exc: MakimaError) -> ApplicationError:
-    delay = None
-    if isinstance(exc, LLMRetryableError) and exc.retry_after is not None:
-        from datetime import timedelta
-
-        delay = timedelta(seconds=exc.retry_after)
-    return ApplicationError(str(exc), type=type(exc).__name__,
-                            non_retryable=exc.non_retryable, next_retry_delay=delay)
-
-
-@contextlib.contextmanager
-def translated_errors():
-    try:
-        yield
-    except MakimaError as exc:
-        raise application_error(exc) from exc
 
 
 def commit_message(directive_id: str, step: str, attempt: int, summary: str) -> str:

@@ -2,25 +2,22 @@
 or correction of an invalid plan). Plan validity (cycles, unknown dependencies,
 size) is the workflow's business (makima.dag); here the answer only has to
 parse as a Plan.
-
-Also home of `llm_application_error`, the translation of makima's LLM errors
-into Temporal's ApplicationError that both LLM activities use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.errors import application_error
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import ActivityName, PlanInput, PlanOutput
-from makima.errors import LLMError, LLMRetryableError
+from makima.errors import LLMError
 from makima.llm.client import LLMClient
-from makima.llm.structured import LLMOutputInvalid, structured_call
+from makima.llm.structured import structured_call
 from makima.models import Plan
 from makima.prompts.context import cached_context_block
 from makima.prompts.planning import (
@@ -31,27 +28,6 @@ from makima.prompts.planning import (
 )
 
 PLAN_MAX_TOKENS = 16_000
-
-
-def llm_application_error(error: LLMError) -> ApplicationError:
-    """Retryable errors stay retryable (with the server's retry-after as the next
-    retry delay); fatal ones are non-retryable. An answer that never validated
-    keeps the model's raw text and what it cost as the error's first detail
-    (`{"raw_text": ..., "usage": {...}}`) for the event log and the cost breaker."""
-    details: list[Any] = []
-    if isinstance(error, LLMOutputInvalid):
-        details.append({"raw_text": error.raw_text[:MAX_TEXT_IN_HISTORY],
-                        "usage": error.usage.model_dump(mode="json")})
-    delay = None
-    if isinstance(error, LLMRetryableError) and error.retry_after is not None:
-        delay = timedelta(seconds=error.retry_after)
-    return ApplicationError(
-        str(error),
-        *details,
-        type=type(error).__name__,
-        non_retryable=error.non_retryable,
-        next_retry_delay=delay,
-    )
 
 
 def llm_not_configured(role: str) -> ApplicationError:
@@ -96,6 +72,6 @@ class PlanningActivities:
                 max_tokens=PLAN_MAX_TOKENS,
             )
         except LLMError as exc:
-            raise llm_application_error(exc) from exc
+            raise application_error(exc) from exc
         return PlanOutput(plan=result.value, usage=result.usage,
                           raw_text=result.raw_text[:MAX_TEXT_IN_HISTORY])

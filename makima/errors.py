@@ -11,8 +11,10 @@
     ├── ExecutorError      the agent could not be run at all
     └── StoreError         the read model could not be read or written
 
-Activities translate these into `ApplicationError` with `type` set to the class
-name and `non_retryable` where a retry cannot help.
+Activities translate these into `ApplicationError` in one place
+(`activities/errors.py`): `type` set to the class name, `non_retryable` where a
+retry cannot help, and the error's `usage` (what the failed try was billed) as a
+detail, so the cost breaker counts failed tries too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class MakimaError(Exception):
     """Base of every error makima raises on purpose."""
 
     non_retryable: bool = False
+    #: What this failed try was billed (a `makima.models.Usage`), when it spent money.
+    usage = None
 
 
 class SpecError(MakimaError):
