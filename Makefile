@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults bench lint unit clean
+.PHONY: test test-faults bench lint unit clean sandbox-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,14 +13,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,claude]'
 	touch $(STAMP)
 
+# Agent commands and checks run under bubblewrap (makima/sandbox.py): Debian's
+# `bubblewrap`, installed with apt-get when missing and we are root.
+sandbox-tools:
+	@command -v bwrap >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; } \
+	  || { echo "bubblewrap (bwrap) is missing and cannot be installed here (needs apt-get as root);" \
+	            "install it: makima confines every agent command and check with it" >&2; exit 1; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint sandbox-tools
 	$(BIN)/pytest -m "not faults"
 
 # Crashes, outages and runaway agents against real processes (a few minutes).
-test-faults: $(STAMP)
+test-faults: $(STAMP) sandbox-tools
 	$(BIN)/pytest -m faults tests/test_faults.py
 
 # Benchmarks against a local dev server: prints tables, writes bench/results/<date>.json.

@@ -45,6 +45,7 @@ from makima.contracts import (
     RecordOutput,
 )
 from makima.llm.client import LLMClient, llm_from_env
+from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
 from workflows.directive import DirectiveWorkflow
 from workflows.step import StepWorkflow
@@ -128,6 +129,9 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
 
 
 async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | None = None) -> None:
+    # Before anything else: a worker that cannot confine its agents does not start
+    # (SandboxUnavailable names the fix), unless MAKIMA_SANDBOX=off says so (logged).
+    await asyncio.to_thread(require_sandbox)
     client = await connect_temporal()
     pool = await create_pool()
     llm = llm_from_env()
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_concurrent_steps is not None and args.max_concurrent_steps < 1:
         parser.error("--max-concurrent-steps must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(run(args.task_queue, args.graceful_seconds, args.max_concurrent_steps))
+    try:
+        asyncio.run(run(args.task_queue, args.graceful_seconds, args.max_concurrent_steps))
+    except SandboxUnavailable as exc:
+        parser.exit(2, f"makima worker: cannot start: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class EvaluationActivities:
         spec, step, execution = request.spec, request.step, request.execution
         commands = ev.checks_for(step.verify, worktree, auto_detect=self.auto_checks)
         checks = await ev.run_checks(commands, worktree, timeout_seconds=self.check_timeout,
-                                     on_progress=heartbeats.report)
+                                     on_progress=heartbeats.report, sandbox=spec.sandbox)
 
         verdict: ev.JudgeVerdict | None = None
         usage = Usage()

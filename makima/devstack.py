@@ -32,6 +32,7 @@ from temporalio.client import Client
 
 from makima.connection import connect_temporal, task_queue
 from makima.errors import MakimaError
+from makima.process import redact_url
 from makima.store.embedded import makima_home, running_embedded, start_embedded, stop_embedded
 
 #: Registered by the dev server at start (and, on other clusters, by hand: README).
@@ -138,8 +139,10 @@ class DevStack:
         return found
 
     def ready_line(self) -> str:
+        """What `makima dev` prints; the database URL without its password (the line
+        lands in terminals and in MAKIMA_HOME/dev.log)."""
         return (f"makima dev: ready temporal={self.temporal_address} ui={self.ui_url} "
-                f"database={self.database_url}")
+                f"database={redact_url(self.database_url)}")
 
     async def __aenter__(self) -> DevStack:
         try:
@@ -220,10 +223,12 @@ class DevStack:
     async def _start_worker(self) -> None:
         # Imported here: only a stack that runs a worker needs the workflow code.
         from makima.llm.client import llm_from_env
+        from makima.sandbox import require_sandbox
         from makima.store import create_pool
         from worker import all_activities, build_worker
 
         assert self.client is not None
+        await asyncio.to_thread(require_sandbox)  # refuses to start unconfined by accident
         self._pool = await create_pool(self.database_url)
         self._llm = llm_from_env()
         self._worker = build_worker(self.client, task_queue(),

@@ -29,9 +29,12 @@ installed on the worker): pytest (test files `test_*.py` / `*_test.py`),
 target). All checks are required. MAKIMA_AUTO_CHECKS=0 turns detection off;
 MAKIMA_CHECK_TIMEOUT sets the seconds each check may run (default 600).
 
-Commands run through `/bin/sh -c` in the worktree (makima.process: own process
-group, killed on timeout or cancellation, bounded output) with CI=1 and without
-the worker's Anthropic credentials in their environment.
+Commands run through `/bin/sh -c` in the worktree inside the sandbox
+(makima.sandbox: the worktree and nothing else, no network unless the
+directive's `sandbox.network`), with the allow-listed environment of
+makima.process.agent_environment (CI=1 included), in their own process group,
+killed on timeout or cancellation, their output bounded and scrubbed of the
+worker's secrets.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from makima.models import CheckResult, CriterionResult, Thresholds
-from makima.process import run_process, truncate_tail
+from makima.models import CheckResult, CriterionResult, SandboxSettings, Thresholds
+from makima.process import agent_environment, run_confined, truncate_tail
+from makima.sandbox import Confinement
 
 #: How much of a check's output an Evaluation keeps (the end, where failures are).
 OUTPUT_TAIL_CHARS = 4000
@@ -60,8 +64,6 @@ DEFAULT_CHECK_TIMEOUT_SECONDS = 600.0
 REQUIRED_FAILURE_MARGIN = 0.01
 #: How much of the diff the judge sees.
 MAX_DIFF_CHARS = 60_000
-#: Variables a repository's test suite has no business seeing.
-_SECRET_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 _NPM_PLACEHOLDER_TEST = 'echo "Error: no test specified" && exit 1'
 _SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "target", "dist", "build", "__pycache__"}
 
@@ -152,19 +154,17 @@ def checks_for(verify: list[str], worktree: Path, *, auto_detect: bool = True) -
 # --------------------------------------------------------------------------- running
 
 
-def _check_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
-    env["CI"] = "1"  # test runners stay non-interactive (no watch mode, no prompts)
-    return env
-
-
 async def run_check(command: str, cwd: Path, *, timeout_seconds: float,
-                    required: bool = True) -> CheckResult:
-    """Run one check; a timeout or a failure to start gives exit_code None."""
+                    required: bool = True,
+                    sandbox: SandboxSettings | None = None) -> CheckResult:
+    """Run one check, confined; a timeout or a failure to start gives exit_code None."""
+    sandbox = sandbox or SandboxSettings()
     started = time.monotonic()
     try:
-        result = await run_process(["/bin/sh", "-c", command], cwd=cwd, env=_check_env(),
-                                   timeout_seconds=timeout_seconds)
+        result = await run_confined(["/bin/sh", "-c", command],
+                                    Confinement(cwd, network=sandbox.network),
+                                    env=agent_environment(declared=sandbox.env),
+                                    timeout_seconds=timeout_seconds)
     except OSError as exc:
         return CheckResult(command=command, exit_code=None, required=required,
                            duration_seconds=round(time.monotonic() - started, 3),
@@ -180,13 +180,15 @@ async def run_checks(
     *,
     timeout_seconds: float = DEFAULT_CHECK_TIMEOUT_SECONDS,
     on_progress: Callable[[str], None] | None = None,
+    sandbox: SandboxSettings | None = None,
 ) -> list[CheckResult]:
     """Run the checks one after another (test suites often share files or ports)."""
     results = []
     for index, command in enumerate(commands, 1):
         if on_progress:
             on_progress(f"check {index}/{len(commands)}: {command}")
-        results.append(await run_check(command, cwd, timeout_seconds=timeout_seconds))
+        results.append(await run_check(command, cwd, timeout_seconds=timeout_seconds,
+                                       sandbox=sandbox))
     return results
 
 

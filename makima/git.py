@@ -89,8 +89,31 @@ class GitResult:
     stderr: str
 
 
+#: Git's credentials for `url` repositories come from the worker's environment,
+#: never from the URL (a spec's URL is stored without userinfo, see
+#: makima.models.Repository): MAKIMA_GIT_PASSWORD (a token) and MAKIMA_GIT_USERNAME
+#: (default x-access-token, what GitHub and GitLab accept with a token).
+CREDENTIAL_HELPER = (
+    '!f() { test "$1" = get && test -n "$MAKIMA_GIT_PASSWORD" || exit 0; '
+    'echo "username=${MAKIMA_GIT_USERNAME:-x-access-token}"; '
+    'echo "password=$MAKIMA_GIT_PASSWORD"; }; f'
+)
+
+
+def _with_credential_helper(env: dict[str, str]) -> None:
+    """Add CREDENTIAL_HELPER through GIT_CONFIG_* (after any the worker set)."""
+    try:
+        count = int(env.get("GIT_CONFIG_COUNT") or 0)
+    except ValueError:
+        count = 0
+    env[f"GIT_CONFIG_KEY_{count}"] = "credential.helper"
+    env[f"GIT_CONFIG_VALUE_{count}"] = CREDENTIAL_HELPER
+    env["GIT_CONFIG_COUNT"] = str(count + 1)
+
+
 def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    _with_credential_helper(env)
     # Never wait for a password prompt or an editor: a worker has no terminal.
     env["GIT_TERMINAL_PROMPT"] = "0"
     env.setdefault("GIT_EDITOR", "true")

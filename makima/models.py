@@ -113,10 +113,24 @@ class Completion(StrEnum):
 # --------------------------------------------------------------------------- spec
 
 
+_URL_USERINFO = re.compile(r"^(https?://)[^/@\s]*@", re.I)
+
+
 class Repository(Model):
+    """Where a directive works. A `url`'s credentials are never kept: an http(s)
+    URL is stored without its userinfo (`https://user:token@host/x` becomes
+    `https://host/x`), because a spec lands in workflow history, Postgres and the
+    UI. Git gets credentials from the worker's environment instead
+    (MAKIMA_GIT_USERNAME / MAKIMA_GIT_PASSWORD, see makima.git)."""
+
     path: str | None = None
     url: str | None = None
     base_branch: str = "main"
+
+    @field_validator("url")
+    @classmethod
+    def _without_credentials(cls, value: str | None) -> str | None:
+        return _URL_USERINFO.sub(r"\1", value) if value else value
 
     @model_validator(mode="after")
     def _one_location(self) -> Repository:
@@ -193,6 +207,17 @@ class Plan(Model):
         return [s.name for s in self.steps]
 
 
+class SandboxSettings(Model):
+    """How a directive's agent commands and checks are confined (makima.sandbox)."""
+
+    #: Network for agent commands, shell steps and checks (Claude Code always has it:
+    #: it needs the model API). Off by default: not even the worker's loopback.
+    network: bool = False
+    #: Names of worker environment variables these processes may see, on top of
+    #: the allow-list (makima.process.agent_environment).
+    env: list[str] = Field(default_factory=list)
+
+
 class DirectiveSpec(Model):
     title: str = Field(min_length=1, max_length=200)
     goal: str = Field(min_length=1, max_length=100_000)
@@ -214,6 +239,7 @@ class DirectiveSpec(Model):
     owner: str = "anonymous"
     approvers: list[str] | None = None
     plan: Plan | None = None
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     #: Set by makima itself when a directive continues as new; never by users.
     carry: DirectiveCarry | None = None
 

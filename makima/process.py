@@ -1,7 +1,12 @@
 """Running a command the way an agent's work must be run: in its own process
 group (so it and everything it starts can be killed together), with a timeout,
 and with its output kept as a bounded tail (a command that prints 50 MB costs a
-few kilobytes of memory, not 50 MB).
+few kilobytes of memory, not 50 MB) and the worker's secrets scrubbed from it.
+
+Also the one environment builder for agent-controlled processes
+(`agent_environment`, an allow-list), the one secret scrubber (`scrub_secrets`)
+and `run_confined`, which runs such a process inside the sandbox
+(makima.sandbox).
 
 Cancellation of the awaiting task (a Temporal activity cancel) kills the whole
 group: SIGTERM, then SIGKILL after `KILL_GRACE_SECONDS`. Nothing here knows
@@ -15,10 +20,13 @@ import contextlib
 import os
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from makima.sandbox import SANDBOX_HOME, Confinement, confine, sandbox_enabled
 
 #: How long a group gets between SIGTERM and SIGKILL.
 KILL_GRACE_SECONDS = 2.0
@@ -83,19 +91,72 @@ async def wait_for_exit(process: asyncio.subprocess.Process) -> int:
     return process.returncode
 
 
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|DATABASE_URL)", re.I)
+#: Variable names whose values are secrets, scrubbed from captured output.
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|DATABASE_URL|DSN)",
+                          re.I)
+#: What every agent-controlled process gets from the worker's environment.
+_ALLOWED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
+#: Secrets shorter than this are not scrubbed (they would redact ordinary words).
+_MIN_SECRET_CHARS = 6
+_URL_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^:/@\s]*:([^@/\s]+)@", re.I)
 
 
-def agent_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The worker's environment minus its secrets (API keys, tokens, passwords,
-    DATABASE_URL), for commands an agent or a plan chose. Names listed in
-    MAKIMA_AGENT_ENV_PASSTHROUGH (comma-separated) are kept anyway."""
-    keep = {name.strip() for name in os.environ.get("MAKIMA_AGENT_ENV_PASSTHROUGH", "").split(",")
-            if name.strip()}
-    env = {name: value for name, value in os.environ.items()
-           if name in keep or not _SECRET_NAME.search(name)}
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def agent_environment(extra: Mapping[str, str] | None = None, *,
+                      declared: Sequence[str] = ()) -> dict[str, str]:
+    """The environment of every process an agent or a plan chose (agent commands,
+    shell steps, Claude Code, checks): an allow-list, not the worker's environment
+    minus something. It holds PATH, LANG, LC_*, TERM, TZ, a private HOME and TMPDIR
+    (the sandbox's), CI=1, the names the worker declares in
+    MAKIMA_AGENT_ENV_PASSTHROUGH (comma-separated), the names a directive declares
+    (`declared`, its `sandbox.env`), and `extra`."""
+    env = {name: os.environ[name] for name in _ALLOWED if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.setdefault("LANG", "C.UTF-8")
+    env.update(HOME=SANDBOX_HOME, TMPDIR="/tmp", CI="1")
+    for name in [*_names(os.environ.get("MAKIMA_AGENT_ENV_PASSTHROUGH", "")), *declared]:
+        if name in os.environ:
+            env[name] = os.environ[name]
     env.update(extra or {})
     return env
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's known secrets, value -> variable name: every variable whose name
+    says it is one (KEY, TOKEN, SECRET, PASSWORD, DATABASE_URL, ...), the names in
+    MAKIMA_SECRET_NAMES, and the password of any URL-shaped value."""
+    environ = os.environ if environ is None else environ
+    named = set(_names(environ.get("MAKIMA_SECRET_NAMES", "")))
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        if name in _ALLOWED:
+            continue
+        password = _URL_PASSWORD.match(value)
+        if password and len(password.group(1)) >= _MIN_SECRET_CHARS // 2:
+            found[password.group(1)] = f"{name} password"
+        if (name in named or _SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_CHARS:
+            found[value] = name
+    return found
+
+
+def scrub_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """`text` with every known secret value of the worker replaced by
+    `[secret NAME]`: the one filter for anything captured from a process before it
+    reaches history, Postgres, a prompt or a log."""
+    if not text:
+        return text
+    for value, name in sorted(secret_values(environ).items(), key=lambda kv: -len(kv[0])):
+        if value in text:
+            text = text.replace(value, f"[secret {name}]")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be shown: its password (user:password@) replaced by ***."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", url, flags=re.I)
 
 
 def kill_process_group(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -172,7 +233,28 @@ async def run_process(
     # a grandchild that left the group may still hold the pipe: then stop reading
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(reader, 5.0)
-    output = tail.text()
+    output = scrub_secrets(tail.text())
     if timed_out:
         output += f"\n[killed: timed out after {timeout_seconds:g} s]"
     return ProcessResult(exit_code, output, timed_out, time.monotonic() - started, process.pid)
+
+
+async def run_confined(
+    argv: Sequence[str],
+    confinement: Confinement,
+    *,
+    env: Mapping[str, str],
+    timeout_seconds: float | None = None,
+    tail_bytes: int = DEFAULT_TAIL_BYTES,
+) -> ProcessResult:
+    """`run_process` for anything an agent or a plan chose: inside the sandbox
+    (makima.sandbox), in the worktree, with `env` (build it with
+    `agent_environment`). With MAKIMA_SANDBOX=off the process still gets the
+    allow-listed environment and a HOME of its own."""
+    if sandbox_enabled():
+        return await run_process(confine(list(argv), confinement), cwd=confinement.worktree,
+                                 env=env, timeout_seconds=timeout_seconds,
+                                 tail_bytes=tail_bytes)
+    with tempfile.TemporaryDirectory(prefix="makima-home-") as home:
+        return await run_process(argv, cwd=confinement.worktree, env={**env, "HOME": home},
+                                 timeout_seconds=timeout_seconds, tail_bytes=tail_bytes)

@@ -387,6 +387,19 @@ def _exists(path: str) -> bool:
     return Path(path).exists()
 
 
+def _pid_running(*argv: str) -> int | None:
+    """The pid of a process whose command line is exactly `argv`."""
+    wanted = "\0".join(argv) + "\0"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_text() == wanted:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -400,10 +413,12 @@ async def test_cancelling_execute_step_kills_the_command_within_5_seconds(
     acts = ExecutionActivities(tmp_path / "home")  # the production heartbeat interval
     repository = Repository(path=str(repo))
     integration = await prepare(acts, repository)
-    pidfile = tmp_path / "sleep.pid"
+    # The command runs in the sandbox's own PID namespace (and may not write outside
+    # its worktree), so the test finds the sleep by its unique argument.
+    duration = f"600.{uuid.uuid4().int % 10**9}"
     request = ExecuteInput(
         directive_id=DIRECTIVE, generation=1, spec=spec_for(repository),
-        step=PlannedStep(name="sleepy", command=f"sleep 600 & echo $! > {pidfile}; wait"),
+        step=PlannedStep(name="sleepy", command=f"sleep {duration} & wait"),
         integration_branch=integration)
     sleep_pid = None
     async with Worker(client, task_queue=task_queue, workflows=[RunStepWorkflow],
@@ -414,10 +429,11 @@ async def test_cancelling_execute_step_kills_the_command_within_5_seconds(
                                              id=f"cancel-{uuid.uuid4()}", task_queue=task_queue)
         try:
             for _ in range(200):
-                if pidfile.exists() and pidfile.read_text().strip():
+                sleep_pid = _pid_running("sleep", duration)
+                if sleep_pid is not None:
                     break
                 await asyncio.sleep(0.1)
-            sleep_pid = int(pidfile.read_text().strip())
+            assert sleep_pid is not None, "the step's sleep never started"
             assert _alive(sleep_pid)
             await handle.cancel()
             for _ in range(50):  # 5 s

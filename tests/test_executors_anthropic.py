@@ -79,7 +79,7 @@ async def test_agent_writes_a_file_and_runs_a_command_through_execute_step(
     assert any(beat["last_tool"] == "run_command" and beat["turns"] >= 2 for beat in heartbeats)
 
 
-async def test_paths_and_commands_outside_the_worktree_are_refused(
+async def test_file_tool_paths_outside_the_worktree_are_refused(
         tmp_path: Path, messages_server: MessagesServer) -> None:
     worktree = tmp_path / "worktree"
     worktree.mkdir()
@@ -94,8 +94,6 @@ async def test_paths_and_commands_outside_the_worktree_are_refused(
         tool_reply("read_file", {"path": "link.txt"}),
         tool_reply("write_file", {"path": "linkdir/escape.txt", "content": "x"}),
         tool_reply("write_file", {"path": "../escape.txt", "content": "x"}),
-        tool_reply("run_command", {"command": "echo hi && curl http://example.com"}),
-        tool_reply("run_command", {"command": "git push origin HEAD"}),
         tool_reply("edit_file", {"path": ".git/config", "old_text": "a", "new_text": "b"}),
         tool_reply("read_file", {"path": "inside.txt"}),
         text_reply("gave up"),
@@ -106,15 +104,14 @@ async def test_paths_and_commands_outside_the_worktree_are_refused(
         step=PlannedStep(name="escape", task_plan="try to escape"), attempt=1,
         worktree=worktree))
     assert result.success
-    refusals = [tool_results(messages_server, i)[0] for i in range(1, 9)]
+    refusals = [tool_results(messages_server, i)[0] for i in range(1, 7)]
     for refusal in refusals:
         assert refusal["is_error"], refusal
         assert "refused" in refusal["content"]
     assert "outside the worktree" in refusals[0]["content"]
-    assert "curl" in refusals[5]["content"] and "git push" in refusals[6]["content"]
     assert "TOP-SECRET" not in json.dumps([r.body for r in messages_server.requests])
     assert not (tmp_path / "escape.txt").exists()
-    allowed = tool_results(messages_server, 9)[0]
+    allowed = tool_results(messages_server, 7)[0]
     assert not allowed["is_error"] and allowed["content"] == "fine\n"
 
 

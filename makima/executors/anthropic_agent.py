@@ -1,11 +1,16 @@
 """The `anthropic` executor: makima's own tool-use loop over the Messages API.
 
 The model gets five tools (list_files, read_file, write_file, edit_file,
-run_command) confined to the worktree: a path that resolves outside it
-(`../x`, `/etc/passwd`, a symlink pointing out) or into `.git`, and a command
-on the deny list, are refused, and the refusal goes back to the model as an
-`is_error` tool result so it can change course. The deny list is a guard
-against obvious mistakes, not a sandbox: run workers as an unprivileged user.
+run_command) confined to the worktree. The file tools run in the worker and
+refuse a path that resolves outside the worktree (`../x`, `/etc/passwd`, a
+symlink pointing out) or into `.git`; the refusal goes back to the model as an
+`is_error` tool result so it can change course. `run_command` runs in the
+sandbox (makima.sandbox): the worktree and its git data are all it can change,
+the worker's processes, files and secrets are invisible, and it has no network
+unless the directive's `sandbox.network` says so. There is no command
+deny-list: inside the sandbox `git merge` or `git rebase` of its own worktree
+is fine (a rework after a merge conflict needs them), and `git push` or moving
+a branch fails because the refs are read-only and the network is absent.
 
 Configuration (environment):
     ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL    the client (max_retries=0: Temporal retries)
@@ -17,7 +22,6 @@ Configuration (environment):
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +40,9 @@ from makima.executors.base import (
 )
 from makima.llm.client import classify_error
 from makima.llm.pricing import usage_from_api
-from makima.models import ExecutorKind, Usage
-from makima.process import agent_environment, run_process, truncate_tail
+from makima.models import ExecutorKind, SandboxSettings, Usage
+from makima.process import agent_environment, run_confined, truncate_tail
+from makima.sandbox import Confinement
 
 DEFAULT_EXECUTOR_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_TURNS = 50
@@ -47,16 +52,6 @@ MAX_TOKENS = 16_000
 TOOL_OUTPUT_CHARS = 20_000
 #: Files listed at most by one list_files call.
 MAX_LISTED_FILES = 500
-
-#: Commands (first word of any piece of a pipeline or list) the agent may not run.
-DENIED_COMMANDS = frozenset({
-    "sudo", "su", "doas", "ssh", "scp", "sftp", "rsync", "curl", "wget", "nc", "ncat",
-    "shutdown", "reboot", "halt", "poweroff", "mkfs", "dd", "mount", "umount", "chroot",
-    "docker", "kubectl",
-})
-#: git subcommands that would change branches or reach a remote behind makima's back.
-DENIED_GIT = frozenset({"push", "fetch", "pull", "clone", "remote", "config", "checkout",
-                        "switch", "reset", "rebase", "merge", "branch", "worktree", "commit"})
 
 SYSTEM_PROMPT = (
     "You are a careful software engineer working inside a git worktree. Use the tools to "
@@ -94,8 +89,8 @@ TOOLS: list[dict[str, Any]] = [
     },
     {
         "name": "run_command",
-        "description": "Run a shell command (bash -c) in the worktree root; returns exit code "
-                       "and output.",
+        "description": "Run a shell command (bash -c) in the worktree root, in a sandbox "
+                       "that can change only the worktree; returns exit code and output.",
         "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
                          "required": ["command"]},
     },
@@ -119,22 +114,6 @@ def confined_path(root: Path, relative: str) -> Path:
     if inside and inside[0] == ".git":
         raise ToolRefused(f"refused: {relative!r} is git's own data; makima commits for you")
     return candidate
-
-
-def refused_command(command: str) -> str | None:
-    """Why `command` is not allowed, or None."""
-    for piece in re.split(r"\|\||&&|[;|&\n()`]|\$\(", command):
-        words = piece.strip().split()
-        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
-            words.pop(0)  # VAR=value prefixes
-        if not words:
-            continue
-        program = os.path.basename(words[0])
-        if program in DENIED_COMMANDS:
-            return f"refused: {program!r} is not allowed for the agent"
-        if program == "git" and len(words) > 1 and words[1] in DENIED_GIT:
-            return f"refused: 'git {words[1]}' is not allowed; makima manages branches and commits"
-    return None
 
 
 class AnthropicExecutor:
@@ -164,7 +143,7 @@ class AnthropicExecutor:
         max_turns = env_int("MAKIMA_AGENT_MAX_TURNS", DEFAULT_MAX_TURNS)
         command_timeout = env_seconds("MAKIMA_AGENT_COMMAND_TIMEOUT_SECONDS",
                                       DEFAULT_COMMAND_TIMEOUT_SECONDS)
-        tools = _Tools(request.worktree, command_timeout)
+        tools = _Tools(request.worktree, command_timeout, request.spec.sandbox)
         messages: list[dict[str, Any]] = [{"role": "user", "content": task_prompt(request)}]
         usage = Usage()
         transcript: list[str] = []
@@ -210,9 +189,11 @@ def _short(value: Any, limit: int = 200) -> str:
 class _Tools:
     """The tool implementations, bound to one worktree."""
 
-    def __init__(self, root: Path, command_timeout: float) -> None:
+    def __init__(self, root: Path, command_timeout: float,
+                 sandbox: SandboxSettings | None = None) -> None:
         self.root = root.resolve()
         self.command_timeout = command_timeout
+        self.sandbox = sandbox or SandboxSettings()
 
     async def call(self, name: str, arguments: Any) -> tuple[str, bool]:
         """(content, is_error) for one tool call; never raises for bad input."""
@@ -275,13 +256,11 @@ class _Tools:
     async def run_command(self, command: str) -> tuple[str, bool]:
         if not command.strip():
             return "a command is required", True
-        reason = refused_command(command)
-        if reason:
-            return reason, True
         started = time.monotonic()
-        result = await run_process(["bash", "-c", command], cwd=self.root,
-                                   env=agent_environment(),
-                                   timeout_seconds=self.command_timeout)
+        result = await run_confined(["bash", "-c", command],
+                                    Confinement(self.root, network=self.sandbox.network),
+                                    env=agent_environment(declared=self.sandbox.env),
+                                    timeout_seconds=self.command_timeout)
         output = truncate_tail(result.output, TOOL_OUTPUT_CHARS)
         status = ("timed out" if result.timed_out else f"exit code {result.exit_code}")
         return (f"{status} after {time.monotonic() - started:.1f} s\n{output}",

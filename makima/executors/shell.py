@@ -3,10 +3,10 @@
 For deterministic pipelines, offline use and tests. The command sees
 MAKIMA_STEP, MAKIMA_ATTEMPT (1-based) and MAKIMA_REWORK_INSTRUCTIONS; a
 non-zero exit is a failed attempt (its output tail becomes the evaluation's
-evidence), not an error. The worker's secrets (API keys, tokens, passwords,
-DATABASE_URL) are removed from its environment (see
-makima.process.agent_environment). MAKIMA_STEP_TIMEOUT_SECONDS bounds it (default
-DEFAULT_STEP_TIMEOUT_SECONDS).
+evidence), not an error. It runs in the sandbox (makima.sandbox: its worktree
+and nothing else, no network unless the directive's `sandbox.network`) with the
+allow-listed environment of makima.process.agent_environment.
+MAKIMA_STEP_TIMEOUT_SECONDS bounds it (default DEFAULT_STEP_TIMEOUT_SECONDS).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from makima.executors.base import (
     env_seconds,
 )
 from makima.models import ExecutorKind
-from makima.process import agent_environment, run_process, truncate_tail
+from makima.process import agent_environment, run_confined, truncate_tail
+from makima.sandbox import Confinement
 
 #: One hour: below the activity's start-to-close (EXECUTE_TIMEOUT, 2 h) so a hung
 #: command ends as a failed attempt with its output, not as an activity timeout.
@@ -40,10 +41,11 @@ class ShellExecutor:
             "MAKIMA_STEP": request.step.name,
             "MAKIMA_ATTEMPT": str(request.attempt),
             "MAKIMA_REWORK_INSTRUCTIONS": request.rework.instructions if request.rework else "",
-        })
+        }, declared=request.spec.sandbox.env)
         request.report(turns=1, last_tool="bash", note=command[:200])
-        result = await run_process(["bash", "-c", command], cwd=request.worktree, env=env,
-                                   timeout_seconds=timeout)
+        confinement = Confinement(request.worktree, network=request.spec.sandbox.network)
+        result = await run_confined(["bash", "-c", command], confinement, env=env,
+                                    timeout_seconds=timeout)
         tail = truncate_tail(result.output, OUTPUT_TAIL_CHARS)
         if result.timed_out:
             summary = f"command timed out after {timeout:g} s"

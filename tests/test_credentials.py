@@ -1,0 +1,43 @@
+"""A repository URL's credentials are never stored or shown: the spec keeps the
+URL without userinfo, git gets the credentials from the worker's environment
+through a credential helper, and `makima dev`'s ready line hides the database
+password."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from makima.devstack import DevStack
+from makima.git import _git_env
+from makima.models import DirectiveSpec, Repository
+
+
+@pytest.mark.parametrize("given", ["https://alice:s3cret-token@git.example.com/team/app.git",
+                                   "https://s3cret-token@git.example.com/team/app.git"])
+def test_a_url_is_stored_without_its_credentials(given: str) -> None:
+    spec = DirectiveSpec(title="t", goal="g", repository={"url": given})
+    assert spec.repository.url == "https://git.example.com/team/app.git"
+    assert "s3cret" not in spec.model_dump_json()
+
+
+def test_an_ssh_url_keeps_its_user_name() -> None:
+    assert Repository(url="ssh://git@host/x.git").url == "ssh://git@host/x.git"
+
+
+def test_git_reads_its_credentials_from_the_worker_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAKIMA_GIT_PASSWORD", "tok-from-env")
+    monkeypatch.setenv("MAKIMA_GIT_USERNAME", "bot")
+    filled = subprocess.run(["git", "credential", "fill"], env=_git_env(), text=True,
+                            input="protocol=https\nhost=git.example.com\n\n",
+                            capture_output=True, check=True).stdout
+    assert "username=bot" in filled and "password=tok-from-env" in filled
+
+
+def test_the_dev_ready_line_hides_the_database_password() -> None:
+    stack = DevStack(database_url="postgresql://makima:hunter2-pw@db.example:5432/makima")
+    line = stack.ready_line()
+    assert "hunter2-pw" not in line
+    assert "database=postgresql://makima:***@db.example:5432/makima" in line
