@@ -13,9 +13,12 @@ with a message saying so, which fails the test loudly instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,10 +96,87 @@ def error_reply(status: int, message: str = "", *, headers: dict[str, str] | Non
 Responder = Callable[[ReceivedRequest], Reply]
 
 
-class MessagesServer:
-    """Serves scripted replies on 127.0.0.1 at an OS-chosen port."""
+#: Anthropic's prompt cache: an entry lives this long after it was last used.
+CACHE_TTL_SECONDS = 300.0
+#: How many blocks before a breakpoint the API looks for an earlier cache entry.
+LOOKBACK_BLOCKS = 20
+#: Shortest prefix the API caches (Sonnet and Opus; Haiku's is longer).
+MIN_CACHEABLE_TOKENS = 1024
 
-    def __init__(self) -> None:
+
+def estimated_tokens(value: Any) -> int:
+    """About what the API would count: four characters a token."""
+    return max(1, len(json.dumps(value, ensure_ascii=False, sort_keys=True)) // 4)
+
+
+def prompt_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request's prompt in the API's cache order: tools, then system, then every
+    message's content blocks (a string content is one text block)."""
+    blocks: list[dict[str, Any]] = [dict(tool) for tool in body.get("tools") or []]
+    system = body.get("system") or []
+    blocks += [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        blocks += [{"role": message.get("role"), **block} for block in items or []]
+    return blocks
+
+
+class PromptCache:
+    """Anthropic's caching rules, applied to a request's usage: the longest prefix
+    that an earlier request wrote within CACHE_TTL_SECONDS and that ends at a
+    breakpoint (`cache_control`) or at most LOOKBACK_BLOCKS blocks before one is a
+    cache read; the rest
+    up to the last breakpoint is a cache write; what follows is ordinary input.
+    Prefixes shorter than MIN_CACHEABLE_TOKENS are neither read nor written."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._entries: dict[str, float] = {}
+
+    @staticmethod
+    def _key(blocks: list[dict[str, Any]]) -> str:
+        plain = [{k: v for k, v in block.items() if k != "cache_control"} for block in blocks]
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+    def usage_for(self, body: dict[str, Any], output_tokens: int) -> dict[str, int]:
+        now = self.clock()
+        blocks = prompt_blocks(body)
+        sizes = [estimated_tokens({k: v for k, v in b.items() if k != "cache_control"})
+                 for b in blocks]
+        breakpoints = [i for i, block in enumerate(blocks) if block.get("cache_control")]
+        total = sum(sizes)
+        if not breakpoints:
+            return usage(total, output_tokens)
+        last = breakpoints[-1]
+        read_end = -1  # index of the last block read from the cache
+        candidates = sorted({end for point in breakpoints
+                             for end in range(max(point - LOOKBACK_BLOCKS, 0), point + 1)},
+                            reverse=True)
+        for end in candidates:
+            key = self._key(blocks[:end + 1])
+            seen = self._entries.get(key)
+            if seen is not None and now - seen <= CACHE_TTL_SECONDS:
+                read_end = end
+                self._entries[key] = now  # a read refreshes the entry
+                break
+        read = sum(sizes[:read_end + 1])
+        cached = sum(sizes[:last + 1])
+        if cached < MIN_CACHEABLE_TOKENS:
+            return usage(total, output_tokens)
+        for point in breakpoints:
+            if sum(sizes[:point + 1]) >= MIN_CACHEABLE_TOKENS:
+                self._entries[self._key(blocks[:point + 1])] = now
+        return usage(total - cached, output_tokens, cache_read=read, cache_write=cached - read)
+
+
+class MessagesServer:
+    """Serves scripted replies on 127.0.0.1 at an OS-chosen port. With
+    `caching=True` each successful reply's input usage is what Anthropic's caching
+    rules (PromptCache) would bill for the request it answers."""
+
+    def __init__(self, *, caching: bool = False) -> None:
+        self.cache = PromptCache() if caching else None
         self.requests: list[ReceivedRequest] = []
         self._script: list[Reply | Responder] = []
         self._lock = threading.Lock()
@@ -120,7 +200,13 @@ class MessagesServer:
             if not self._script:
                 return error_reply(500, "MessagesServer: no scripted reply left for this request")
             item = self._script.pop(0)
-        return item(request) if callable(item) else item
+        reply = item(request) if callable(item) else item
+        if self.cache is not None and reply.status == 200 and "usage" in reply.body:
+            output = int(reply.body["usage"].get("output_tokens") or 0)
+            with self._lock:
+                billed = self.cache.usage_for(request.body, output)
+            reply = Reply(reply.status, {**reply.body, "usage": billed}, reply.headers)
+        return reply
 
     # -- lifecycle
     @property
@@ -159,7 +245,8 @@ class MessagesServer:
                 for key, value in reply.headers.items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(payload)  # a client that timed out has gone
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True

@@ -4,6 +4,7 @@ Messages API (tests/messages_server.py) scripted with tool calls."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.execution import ExecutionActivities
 from makima.contracts import ExecuteInput, PrepareInput, ReworkContext
-from makima.errors import LLMFatalError
+from makima.errors import LLMFatalError, LLMRetryableError
 from makima.executors.anthropic_agent import AnthropicExecutor
 from makima.executors.base import ExecutionRequest
 from makima.models import DirectiveSpec, ExecutorKind, ModelChoice, PlannedStep, Repository
@@ -124,7 +125,7 @@ async def test_rework_feedback_is_put_before_the_task(
         step=PlannedStep(name="redo", task_plan="THE TASK"), attempt=3, worktree=tmp_path,
         rework=ReworkContext(attempt=3, score=0.4, feedback="tests fail",
                              instructions="make test_x pass")))
-    prompt = messages_server.requests[0].body["messages"][0]["content"]
+    prompt = messages_server.requests[0].body["messages"][0]["content"][0]["text"]
     assert prompt.index("REWORK") < prompt.index("THE TASK")
     assert "attempt 3" in prompt and "tests fail" in prompt and "make test_x pass" in prompt
 
@@ -183,3 +184,69 @@ async def test_missing_api_key_is_a_clear_non_retryable_error(
             step=PlannedStep(name="nokey", task_plan="x"),
             integration_branch=prepared.integration_branch))
     assert caught.value.non_retryable and "ANTHROPIC_API_KEY" in str(caught.value)
+
+
+async def test_each_turn_reads_the_earlier_conversation_from_the_prompt_cache(
+        tmp_path: Path) -> None:
+    (tmp_path / "big.py").write_text("x = 1  # padding\n" * 600)
+    with MessagesServer(caching=True) as server:
+        server.script(tool_reply("read_file", {"path": "big.py"}),
+                      tool_reply("read_file", {"path": "big.py"}), text_reply("done"))
+        client = AsyncAnthropic(api_key="k", base_url=server.base_url, max_retries=0)
+        result = await AnthropicExecutor(client).run(ExecutionRequest(
+            directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+            step=PlannedStep(name="cache", task_plan="read big.py twice"), attempt=1,
+            worktree=tmp_path))
+    bodies = [request.body for request in server.requests]
+    for body in bodies:
+        assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+        marked = [block for message in body["messages"] for block in message["content"]
+                  if isinstance(block, dict) and "cache_control" in block]
+        assert marked == [body["messages"][-1]["content"][-1]], "one breakpoint: the latest turn"
+    # turn 2 and 3 read what turn 1 and 2 wrote; the bill counts every token
+    assert result.usage.cache_read_tokens > 0 and result.usage.cache_write_tokens > 0
+    assert result.usage.input_tokens < result.usage.cache_read_tokens
+
+
+async def test_a_failed_turn_keeps_what_the_earlier_turns_were_billed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    set_identity(monkeypatch)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5)
+    prepared = await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE,
+                                                          repository=repository))
+    messages_server.script(tool_reply("list_files", {}, used=usage(1000, 200)),
+                           error_reply(529, "overloaded"))
+    with pytest.raises(ApplicationError) as failed:
+        await ActivityEnvironment().run(acts.execute_step, ExecuteInput(
+            directive_id=DIRECTIVE, generation=1, spec=spec(repository),
+            step=PlannedStep(name="billed", task_plan="x"),
+            integration_branch=prepared.integration_branch))
+    assert not failed.value.non_retryable
+    billed = failed.value.details[0]["usage"]
+    assert billed["input_tokens"] == 1000 and billed["output_tokens"] == 200
+    assert billed["cost_usd"] > 0
+
+
+async def test_the_agent_honours_the_llm_timeout_and_names_its_own_model_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    monkeypatch.setenv("MAKIMA_LLM_TIMEOUT", "0.5")
+
+    def slow(request: Any) -> Any:
+        time.sleep(2)
+        return text_reply("too late")
+
+    messages_server.script(slow, error_reply(404, "model: nope"))
+    request = ExecutionRequest(directive_id=DIRECTIVE, spec=spec(Repository(path=str(tmp_path))),
+                               step=PlannedStep(name="t", task_plan="x"), attempt=1,
+                               worktree=tmp_path)
+    with pytest.raises(LLMRetryableError, match="did not answer in time"):
+        await AnthropicExecutor().run(request)
+    with pytest.raises(LLMFatalError) as missing:
+        await AnthropicExecutor().run(request)
+    assert "MAKIMA_EXECUTOR_MODEL" in str(missing.value)
+    assert "MAKIMA_PLANNER_MODEL" not in str(missing.value)

@@ -38,7 +38,7 @@ from makima.executors.base import (
     env_seconds,
     task_prompt,
 )
-from makima.llm.client import classify_error
+from makima.llm.client import anthropic_from_env, classify_error
 from makima.llm.pricing import usage_from_api
 from makima.models import ExecutorKind, SandboxSettings, Usage
 from makima.process import agent_environment, run_confined, truncate_tail
@@ -119,20 +119,18 @@ def confined_path(root: Path, relative: str) -> Path:
 class AnthropicExecutor:
     kind = ExecutorKind.ANTHROPIC
 
-    def __init__(self, client: AsyncAnthropic | None = None) -> None:
+    def __init__(self, client: AsyncAnthropic | None = None, *,
+                 prompt_caching: bool = True) -> None:
         self._client = client
+        #: False only to measure what caching saves (bench/caching.py).
+        self.prompt_caching = prompt_caching
 
     def client(self) -> AsyncAnthropic:
         if self._client is None:
-            api_key = (os.environ.get("ANTHROPIC_API_KEY") or "").strip()
-            if not api_key:
+            self._client = anthropic_from_env()
+            if self._client is None:
                 raise ExecutorSetupError(
                     "the anthropic executor needs ANTHROPIC_API_KEY in the worker's environment")
-            self._client = AsyncAnthropic(
-                api_key=api_key,
-                base_url=(os.environ.get("ANTHROPIC_BASE_URL") or "").strip() or None,
-                max_retries=0,  # Temporal owns retries
-            )
         return self._client
 
     async def run(self, request: ExecutionRequest) -> ExecutionResult:
@@ -150,10 +148,12 @@ class AnthropicExecutor:
         for turn in range(1, max_turns + 1):
             try:
                 response = await client.messages.create(
-                    model=model, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
-                    tools=TOOLS, messages=messages)  # type: ignore[arg-type]
+                    model=model, max_tokens=MAX_TOKENS, **self._cached(messages))
             except anthropic.AnthropicError as exc:
-                raise classify_error(exc, model=model, base_url=str(client.base_url)) from exc
+                error = classify_error(exc, model=model, base_url=str(client.base_url),
+                                       role="executor")
+                error.usage = usage  # the turns before this one were billed
+                raise error from exc
             usage = usage + usage_from_api(model, response.usage)
             text = "\n".join(b.text for b in response.content if b.type == "text").strip()
             if text:
@@ -179,6 +179,25 @@ class AnthropicExecutor:
             success=False, exit_code=None,
             summary=f"the agent did not finish within {max_turns} turns (MAKIMA_AGENT_MAX_TURNS)",
             output_tail=truncate_tail("\n".join(transcript), OUTPUT_TAIL_CHARS), usage=usage)
+
+
+    def _cached(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """system, tools and messages as sent: with prompt caching, a breakpoint on
+        the system prompt (tools and system are the stable prefix) and one on the
+        latest turn's last block, so each turn reads the whole earlier conversation
+        from the cache and writes only what is new. Only the latest turn carries
+        one (the API allows four); the earlier breakpoint's prefix is still found."""
+        if not self.prompt_caching:
+            return {"system": SYSTEM_PROMPT, "tools": TOOLS, "messages": messages}
+        ephemeral = {"type": "ephemeral"}
+        last = dict(messages[-1])
+        content = last["content"]
+        blocks = ([{"type": "text", "text": content}] if isinstance(content, str)
+                  else [dict(block) for block in content])
+        blocks[-1]["cache_control"] = ephemeral
+        last["content"] = blocks
+        return {"system": [{"type": "text", "text": SYSTEM_PROMPT, "cache_control": ephemeral}],
+                "tools": TOOLS, "messages": [*messages[:-1], last]}
 
 
 def _short(value: Any, limit: int = 200) -> str:

@@ -77,22 +77,9 @@ def llm_from_env(env: Mapping[str, str] | None = None) -> LLMClient | None:
     ANTHROPIC_API_KEY is set (planning then needs a plan in the spec and
     evaluation is programmatic)."""
     env = os.environ if env is None else env
-    api_key = (env.get("ANTHROPIC_API_KEY") or "").strip()
-    if not api_key:
+    client = anthropic_from_env(env)
+    if client is None:
         return None
-    timeout_text = env.get("MAKIMA_LLM_TIMEOUT") or ""
-    try:
-        timeout = float(timeout_text) if timeout_text else DEFAULT_TIMEOUT_SECONDS
-    except ValueError:
-        raise LLMFatalError(
-            f"MAKIMA_LLM_TIMEOUT must be a number of seconds, got {timeout_text!r}"
-        ) from None
-    client = AsyncAnthropic(
-        api_key=api_key,
-        base_url=(env.get("ANTHROPIC_BASE_URL") or "").strip() or None,
-        max_retries=0,  # Temporal owns retries
-        timeout=timeout,
-    )
     return LLMClient(
         client,
         planner_model=(env.get("MAKIMA_PLANNER_MODEL") or "").strip() or DEFAULT_PLANNER_MODEL,
@@ -101,15 +88,50 @@ def llm_from_env(env: Mapping[str, str] | None = None) -> LLMClient | None:
     )
 
 
+def anthropic_from_env(env: Mapping[str, str] | None = None) -> AsyncAnthropic | None:
+    """The one way makima builds the SDK client (planner, judge and the anthropic
+    agent): ANTHROPIC_API_KEY (None without it), ANTHROPIC_BASE_URL,
+    MAKIMA_LLM_TIMEOUT, and max_retries=0 (Temporal owns retries)."""
+    env = os.environ if env is None else env
+    api_key = (env.get("ANTHROPIC_API_KEY") or "").strip()
+    if not api_key:
+        return None
+    timeout_text = (env.get("MAKIMA_LLM_TIMEOUT") or "").strip()
+    try:
+        timeout = float(timeout_text) if timeout_text else DEFAULT_TIMEOUT_SECONDS
+    except ValueError:
+        timeout = -1.0
+    if timeout <= 0:
+        raise LLMFatalError(
+            f"MAKIMA_LLM_TIMEOUT must be a positive number of seconds, got {timeout_text!r}")
+    return AsyncAnthropic(
+        api_key=api_key,
+        base_url=(env.get("ANTHROPIC_BASE_URL") or "").strip() or None,
+        max_retries=0,  # Temporal owns retries
+        timeout=timeout,
+    )
+
+
 # --------------------------------------------------------------------------- errors
+
+#: Where a model is configured, per role: named in errors about a model.
+_MODEL_SETTINGS = {
+    None: "MAKIMA_PLANNER_MODEL / MAKIMA_EVALUATOR_MODEL or the directive's "
+          "models.planner / models.evaluator",
+    "planner": "MAKIMA_PLANNER_MODEL or the directive's models.planner",
+    "evaluator": "MAKIMA_EVALUATOR_MODEL or the directive's models.evaluator",
+    "executor": "MAKIMA_EXECUTOR_MODEL or the directive's models.executor",
+}
 
 
 def classify_error(exc: BaseException, *, model: str | None = None,
-                   base_url: str = "") -> LLMError:
+                   base_url: str = "", role: str | None = None) -> LLMError:
     """Retryable: rate limit (429), overload (529), other 5xx, 408/409, timeouts
     and connection failures. Fatal: everything a retry cannot fix (400, 401,
-    402, 403, 404, 413, 422 ...), with a message saying what to change."""
+    402, 403, 404, 413, 422 ...), with a message saying what to change; `role`
+    (planner, evaluator, executor) picks the setting an error about the model names."""
     model_text = f"model {model!r}" if model else "the model"
+    setting = _MODEL_SETTINGS.get(role, _MODEL_SETTINGS[None])
     if isinstance(exc, anthropic.APITimeoutError):
         return LLMRetryableError(f"the Anthropic API did not answer in time ({base_url})")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -137,14 +159,12 @@ def classify_error(exc: BaseException, *, model: str | None = None,
     if status == 403:
         return LLMFatalError(
             f"the API key is not allowed to use {model_text} (403: {detail}). Use a key with "
-            "access, or choose another model (MAKIMA_PLANNER_MODEL / MAKIMA_EVALUATOR_MODEL "
-            "or the directive's models.planner / models.evaluator)."
+            f"access, or choose another model ({setting})."
         )
     if status == 404:
         return LLMFatalError(
             f"{model_text} or the endpoint was not found (404: {detail}). Check the model name "
-            "(MAKIMA_PLANNER_MODEL / MAKIMA_EVALUATOR_MODEL or the directive's models.*) and "
-            f"ANTHROPIC_BASE_URL ({base_url})."
+            f"({setting}) and ANTHROPIC_BASE_URL ({base_url})."
         )
     if status == 402:
         return LLMFatalError(
