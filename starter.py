@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from makima.cli import EXIT_BAD_INPUT, EXIT_REFUSED
+from makima.cli import EXIT_BAD_INPUT, EXIT_REFUSED, desk
 from makima.cli import commands as cmd
 from makima.errors import MakimaError, SpecError
 from makima.models import DirectiveStatus
@@ -60,8 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", "directives, newest first (from the Postgres read model)", cmd.cmd_list)
     p.add_argument("--status", choices=[s.value for s in DirectiveStatus])
     p.add_argument("--owner")
+    p.add_argument("--waiting", action="store_true",
+                   help="only directives with a step waiting for a person")
+    p.add_argument("--search", help="only titles containing this text (any case)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
+
+    p = command("inbox", "every step waiting for a person, oldest first: why, since when, "
+                "and the commands to decide", desk.cmd_inbox)
+    p.add_argument("--json", action="store_true")
+
+    p = command("show", "one step's attempts: checks, judge's verdicts, branch and commit, "
+                "diff stat (--diff: the whole diff), the agent's output", desk.cmd_show)
+    p.add_argument("id")
+    p.add_argument("step")
+    p.add_argument("--attempt", type=int, help="only this attempt (default: every attempt; "
+                   "the diff is the last one shown)")
+    p.add_argument("--generation", type=int, help="default: the current generation")
+    p.add_argument("--diff", action="store_true", help="print the whole diff, not its stat")
 
     p = command("events", "a directive's event log (from the read model)", cmd.cmd_events)
     p.add_argument("id")
@@ -75,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, f"{what} (the {name}_step update)", run)
         p.add_argument("id")
         p.add_argument("step")
-        p.add_argument("--by", default="cli", help="who decides (checked against approvers)")
+        p.add_argument("--by", help="who decides, checked against the directive's approvers "
+                       "(default: your OS user name)")
+        p.add_argument("--attempt", type=int, help="the attempt you reviewed (as `makima "
+                       "inbox` names it); refused if another attempt waits by now")
         p.add_argument("--comment", default="")
 
     p = command("pause", "pause: no new step or attempt starts (pause_directive)", cmd.cmd_pause)
@@ -125,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The console script. Called with `argv` (tests, other Python code) it
     returns the exit code; as the program itself it exits with it."""
-    code = run_command(argv)
+    try:
+        code = run_command(argv)
+    except BrokenPipeError:
+        # `makima list | head`: the reader left; say nothing more, like other tools
+        # (exit 141, as if SIGPIPE had ended it).
+        if argv is None:  # stdout is ours: point it at /dev/null so flushing cannot fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     if argv is None:
         # The Temporal client's native runtime keeps threads that can crash the
         # interpreter while it finalizes (a fatal PyGILState_Release, seen as
@@ -147,7 +173,8 @@ def run_command(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except cmd.CommandError as error:
-        print(str(error), file=sys.stderr if error.code else sys.stdout)
+        if str(error):
+            print(str(error), file=sys.stderr if error.code else sys.stdout)
         return error.code
     except MakimaError as error:
         print(f"error: {error}", file=sys.stderr)

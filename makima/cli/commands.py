@@ -179,10 +179,36 @@ async def cmd_start(args: Any) -> int:
         return EXIT_OK
     if not args.json:
         print(f"started {handle.id}  ({ui_link(handle.id)})", flush=True)
-    final = await follow_directive(client, handle.id, show=not args.json)
+    try:
+        final = await follow_directive(client, handle.id, show=not args.json,
+                                       on_snapshot=_bell_when_waiting(args.json))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"\nstopped following; directive {handle.id} keeps running.\n"
+              f"  follow it:  makima events {handle.id} --follow\n"
+              f"  status:     makima status {handle.id}\n"
+              f"  stop it:    makima stop {handle.id}", file=sys.stderr, flush=True)
+        raise CommandError(130, "") from None
     if args.json:
         emit_json(final)
+    else:
+        print(f"\nbranch: {final.integration_branch}\n"
+              f"  review: git -C {spec.repository.location} diff "
+              f"{spec.repository.base_branch}...{final.integration_branch} --stat")
     return EXIT_OK if final.status is DirectiveStatus.COMPLETED else EXIT_REFUSED
+
+
+def _bell_when_waiting(quiet: bool) -> OnSnapshot:
+    """Ring the terminal bell each time a new step starts waiting for a person."""
+    rung: set[tuple[str, int]] = set()
+
+    async def ring(snapshot: DirectiveSnapshot) -> None:
+        waiting = {(p.step, p.attempt) for p in snapshot.pending_approvals}
+        if waiting - rung and not quiet:
+            sys.stdout.write("\a")
+            sys.stdout.flush()
+        rung.update(waiting)
+
+    return ring
 
 
 # --------------------------------------------------------------------------- reading
@@ -230,6 +256,7 @@ async def cmd_list(args: Any) -> int:
     async def work(pool: Any) -> int:
         try:
             found = await list_directives(pool, status=args.status, owner=args.owner,
+                                          waiting=args.waiting, search=args.search,
                                           limit=args.limit)
         except InvalidFilter as error:
             raise CommandError(EXIT_BAD_INPUT, str(error)) from None
@@ -323,14 +350,27 @@ async def _steer(args: Any, update: str, payload: BaseModel | None) -> int:
     return EXIT_OK
 
 
+def os_user() -> str:
+    """Who runs this command: the default `--by` of a decision."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        return f"uid-{os.getuid()}"
+
+
+def _decision(args: Any) -> ApprovalDecision:
+    return ApprovalDecision(step=args.step, by=args.by or os_user(), comment=args.comment,
+                            attempt=args.attempt)
+
+
 async def cmd_approve(args: Any) -> int:
-    return await _steer(args, "approve_step",
-                        ApprovalDecision(step=args.step, by=args.by, comment=args.comment))
+    return await _steer(args, "approve_step", _decision(args))
 
 
 async def cmd_deny(args: Any) -> int:
-    return await _steer(args, "deny_step",
-                        ApprovalDecision(step=args.step, by=args.by, comment=args.comment))
+    return await _steer(args, "deny_step", _decision(args))
 
 
 async def cmd_pause(args: Any) -> int:

@@ -100,9 +100,14 @@ def status_view(snapshot: DirectiveSnapshot) -> str:
 def directive_list(directives: Sequence[DirectiveSummary]) -> str:
     if not directives:
         return "no directives"
-    rows = [[d.id, d.status, str(d.generation), f"${d.cost_usd:.4f}", d.owner, d.title]
+    from makima.review import age
+
+    rows = [[d.id, d.status + (f" ({d.waiting} waiting)" if d.waiting else ""),
+             f"{d.steps_passed}/{d.steps_total}", f"${d.cost_usd:.4f}", age(d.created_at),
+             d.repository, d.owner, d.title]
             for d in directives]
-    return table(["ID", "STATUS", "GEN", "SPEND", "OWNER", "TITLE"], rows)
+    return table(["ID", "STATUS", "PROGRESS", "SPEND", "AGE", "REPOSITORY", "OWNER", "TITLE"],
+                 rows)
 
 
 def event_line(event: EventRecord) -> str:

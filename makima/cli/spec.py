@@ -1,14 +1,18 @@
 """Loading a directive spec for `makima start`: the file (YAML or JSON), the
 command-line overrides, then every problem at once: the model's validation
 errors, the supplied plan's DAG problems, and the repository's (the folder
-exists, is a git repository, has the base branch). Nothing is started for a
+exists, is a git repository, has the base branch), and what would fail a second
+after the start (an LLM role without credentials, a shell step without a
+command). Nothing is started for a
 spec with a problem; `SpecError.problems` lists them all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from pydantic import ValidationError
 
 from makima.dag import validate_plan
 from makima.errors import SpecError
-from makima.models import DirectiveSpec, Plan
+from makima.models import DirectiveSpec, EvaluatorKind, ExecutorKind, Plan, PlannerKind
 
 
 def read_document(path: Path) -> Any:
@@ -87,6 +91,34 @@ def _plan_problems(raw_plan: Any) -> list[str]:
     return [f"plan: {problem}" for problem in validate_plan(plan)]
 
 
+#: Where the CLI looks for model credentials before it starts anything. The worker
+#: reads its own environment; a client without them is taken as a sign that the
+#: deployment has none (MAKIMA_PREFLIGHT=0 skips this for split deployments).
+CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
+
+def runnable_problems(spec: DirectiveSpec, env: Mapping[str, str]) -> list[str]:
+    """Why a valid spec still cannot run: an LLM role with no credentials, or a
+    shell step with nothing to run."""
+    problems: list[str] = []
+    if spec.executor is ExecutorKind.SHELL and spec.plan is not None:
+        problems += [f"plan.steps.{s.name}: the shell executor runs a step's `command`, "
+                     "and this step has none" for s in spec.plan.steps if not s.command]
+    if env.get("MAKIMA_PREFLIGHT", "1").strip() == "0" or \
+            any((env.get(name) or "").strip() for name in CREDENTIAL_VARIABLES):
+        return problems
+    needs = []
+    if spec.effective_planner is PlannerKind.LLM:
+        needs.append("planner: no plan is supplied, so an LLM plans it")
+    if spec.evaluator is EvaluatorKind.LLM:
+        needs.append("evaluator: llm")
+    if spec.executor in (ExecutorKind.ANTHROPIC, ExecutorKind.CLAUDE_CODE):
+        needs.append(f"executor: {spec.executor.value}")
+    problems += [f"{need} needs model credentials, and ANTHROPIC_API_KEY is not set "
+                 "(set it, supply a plan, or use executor: shell)" for need in needs]
+    return problems
+
+
 def load_spec(
     path: Path | None,
     *,
@@ -132,6 +164,8 @@ def load_spec(
     if raw.get("plan") is not None:
         problems += _plan_problems(raw["plan"])
     problems += repository_problems(repository)
+    if spec is not None:
+        problems += runnable_problems(spec, os.environ)
     if problems or spec is None:
         raise SpecError(problems or ["the spec is invalid"])
     return spec

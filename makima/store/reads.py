@@ -1,6 +1,9 @@
 """The read API over the read model, for the CLI (and any later web page):
 
-- `list_directives(db, status=, owner=, limit=)`: newest first, filtered;
+- `list_directives(db, status=, owner=, waiting=, search=, limit=)`: newest
+  first, filtered, each with its repository, progress and waiting count;
+- `inbox(db)`: every step waiting for a person across directives, oldest first,
+  with its attempt's branch, commit and evaluation; `paused_by_breakers(db)`;
 - `get_directive(db, id)`: one directive with its current generation's plan
   state, steps and pending approvals;
 - `get_step(db, id, step, generation=)`: a step with its attempts, their
@@ -53,6 +56,33 @@ class DirectiveSummary(Model):
     integration_branch: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    repository: str = ""  # the spec's path or url
+    steps_total: int = 0  # in the current generation
+    steps_passed: int = 0
+    waiting: int = 0  # steps waiting for a person
+    max_cost_usd: float | None = None
+
+
+class InboxItem(Model):
+    """One step waiting for a person: what they are asked to approve."""
+
+    directive_id: str
+    title: str
+    owner: str
+    repository: str = ""
+    approvers: list[str] = Field(default_factory=list)
+    integration_branch: str = ""
+    generation: int
+    step: str
+    attempt: int
+    score: float | None = None
+    summary: str = ""
+    requested_at: datetime | None = None
+    branch: str | None = None
+    commit: str | None = None
+    confidence: str | None = None
+    checks: list[CheckResult] = Field(default_factory=list)
+    criteria: list[CriterionResult] = Field(default_factory=list)
 
 
 class ChainRecord(Model):
@@ -118,6 +148,8 @@ class AttemptRecord(Model):
     summary: str = ""
     duration_seconds: float | None = None
     cost_usd: float = 0.0
+    output_tail: str = ""  # the agent's last output (as much as history keeps)
+    diff_stat: str = ""
     evaluation: EvaluationRecord | None = None
 
 
@@ -209,25 +241,94 @@ def _j(value: Any) -> Any:
 _DIRECTIVE_COLUMNS = """id, title, owner, status, reason, generation, cost_usd, breaker,
     integration_branch, created_at, updated_at"""
 
+_REPOSITORY_SQL = "COALESCE(d.spec->'repository'->>'path', d.spec->'repository'->>'url', '')"
+
+# Waiting for a person: undecided, in a directive that is still running, on a step of
+# the current generation that has not ended (a step cancelled while waiting leaves an
+# undecided request behind), the newest such attempt of each step.
+_WAITING_SQL = """
+    SELECT DISTINCT ON (a.directive_id, a.step) a.*
+    FROM approvals a
+    JOIN directives d ON d.id = a.directive_id AND d.generation = a.generation
+    LEFT JOIN steps s ON s.directive_id = a.directive_id
+         AND s.generation = a.generation AND s.name = a.step
+    WHERE a.decided_at IS NULL AND a.requested_at IS NOT NULL
+      AND NOT d.status = ANY($1::text[])
+      AND (s.status IS NULL OR NOT s.status = ANY($2::text[]))
+    ORDER BY a.directive_id, a.step, a.attempt DESC
+"""
+
 
 async def list_directives(
     db: Database,
     *,
     status: str | Iterable[str] | None = None,
     owner: str | None = None,
+    waiting: bool = False,
+    search: str | None = None,
     limit: int = 50,
 ) -> list[DirectiveSummary]:
-    """Directives newest first; `status` is one status or several."""
+    """Directives newest first; `status` is one status or several; `waiting` keeps
+    those with a step waiting for a person; `search` matches the title (any case)."""
     statuses = _check_statuses(status)
     owner = _check_owner(owner)
     limit = _check_limit(limit)
+    pattern = None
+    if search is not None and search.strip():
+        escaped = search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+    columns = ", ".join("d." + c.strip() for c in _DIRECTIVE_COLUMNS.split(","))
+    rows = await db.fetch(
+        f"""WITH waiting AS (SELECT directive_id, count(*) AS n FROM ({_WAITING_SQL}) w
+                             GROUP BY directive_id)
+            SELECT {columns}, {_REPOSITORY_SQL} AS repository,
+                   (d.spec->'budgets'->>'max_cost_usd')::float AS max_cost_usd,
+                   COALESCE(w.n, 0) AS waiting,
+                   (SELECT count(*) FROM steps s WHERE s.directive_id = d.id
+                        AND s.generation = d.generation) AS steps_total,
+                   (SELECT count(*) FROM steps s WHERE s.directive_id = d.id
+                        AND s.generation = d.generation AND s.status = 'passed') AS steps_passed
+            FROM directives d LEFT JOIN waiting w ON w.directive_id = d.id
+            WHERE ($3::text[] IS NULL OR d.status = ANY($3)) AND ($4::text IS NULL OR d.owner = $4)
+              AND (NOT $5::bool OR w.n > 0)
+              AND ($6::text IS NULL OR d.title ILIKE $6)
+            ORDER BY d.created_at DESC NULLS LAST, d.id
+            LIMIT $7""",
+        _FINAL_DIRECTIVE, _FINAL_STEP, statuses, owner, waiting, pattern, limit,
+    )
+    return [DirectiveSummary(**dict(r)) for r in rows]
+
+
+async def inbox(db: Database, *, directive_id: str | None = None) -> list[InboxItem]:
+    """Every step waiting for a person, oldest request first (or one directive's)."""
+    rows = await db.fetch(
+        f"""SELECT w.directive_id, d.title, d.owner, {_REPOSITORY_SQL} AS repository,
+                   COALESCE(d.spec->'approvers', '[]'::jsonb) AS approvers,
+                   d.integration_branch, w.generation, w.step, w.attempt, w.score, w.summary,
+                   w.requested_at, t.branch, t.commit, e.confidence,
+                   COALESCE(e.checks, '[]'::jsonb) AS checks,
+                   COALESCE(e.criteria, '[]'::jsonb) AS criteria
+            FROM ({_WAITING_SQL}) w
+            JOIN directives d ON d.id = w.directive_id
+            LEFT JOIN attempts t ON t.directive_id = w.directive_id
+                 AND t.generation = w.generation AND t.step = w.step AND t.attempt = w.attempt
+            LEFT JOIN evaluations e ON e.directive_id = w.directive_id
+                 AND e.generation = w.generation AND e.step = w.step AND e.attempt = w.attempt
+            WHERE $3::text IS NULL OR w.directive_id = $3
+            ORDER BY w.requested_at, w.directive_id, w.step""",
+        _FINAL_DIRECTIVE, _FINAL_STEP, directive_id,
+    )
+    return [InboxItem(**{**dict(r), "approvers": _j(r["approvers"]) or [],
+                         "checks": _j(r["checks"]) or [],
+                         "criteria": _j(r["criteria"]) or []}) for r in rows]
+
+
+async def paused_by_breakers(db: Database) -> list[DirectiveSummary]:
+    """Paused directives whose budget tripped, oldest pause first."""
     rows = await db.fetch(
         f"""SELECT {_DIRECTIVE_COLUMNS} FROM directives
-            WHERE ($1::text[] IS NULL OR status = ANY($1)) AND ($2::text IS NULL OR owner = $2)
-            ORDER BY created_at DESC NULLS LAST, id
-            LIMIT $3""",
-        statuses, owner, limit,
-    )
+            WHERE status = 'paused' AND breaker IS NOT NULL
+            ORDER BY updated_at NULLS LAST, id LIMIT {MAX_LIMIT}""")
     return [DirectiveSummary(**dict(r)) for r in rows]
 
 
@@ -327,7 +428,8 @@ async def get_step(
     attempts = await db.fetch(
         """SELECT a.attempt, a.workflow_id, a.rework, a.started_at, a.finished_at, a.success,
                   a.exit_code, a.branch, a.commit, a.summary, a.duration_seconds, a.cost_usd,
-                  e.passed, e.score, e.confidence, e.summary AS e_summary,
+                  a.execution->>'output_tail' AS output_tail,
+                  a.execution->>'diff_stat' AS diff_stat, e.passed, e.score, e.confidence, e.summary AS e_summary,
                   e.rework_instructions, e.evaluator, e.criteria, e.checks,
                   e.cost_usd AS e_cost_usd, e.evaluated_at
            FROM attempts a
@@ -370,7 +472,8 @@ def _attempt(row: asyncpg.Record) -> AttemptRecord:
         started_at=row["started_at"], finished_at=row["finished_at"], success=row["success"],
         exit_code=row["exit_code"], branch=row["branch"], commit=row["commit"],
         summary=row["summary"] or "", duration_seconds=row["duration_seconds"],
-        cost_usd=row["cost_usd"] or 0.0, evaluation=evaluation,
+        cost_usd=row["cost_usd"] or 0.0, output_tail=row["output_tail"] or "",
+        diff_stat=row["diff_stat"] or "", evaluation=evaluation,
     )
 
 
