@@ -44,6 +44,8 @@ from makima.contracts import (
     RecordInput,
     RecordOutput,
 )
+from makima.executors.base import ExecutorSetupError
+from makima.executors.claude_code import claude_code_preflight
 from makima.llm.client import LLMClient, llm_from_env
 from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
@@ -132,6 +134,7 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
     # Before anything else: a worker that cannot confine its agents does not start
     # (SandboxUnavailable names the fix), unless MAKIMA_SANDBOX=off says so (logged).
     await asyncio.to_thread(require_sandbox)
+    claude_code_preflight()
     client = await connect_temporal()
     pool = await create_pool()
     llm = llm_from_env()
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         asyncio.run(run(args.task_queue, args.graceful_seconds, args.max_concurrent_steps))
-    except SandboxUnavailable as exc:
+    except (SandboxUnavailable, ExecutorSetupError) as exc:
         parser.exit(2, f"makima worker: cannot start: {exc}\n")
 
 

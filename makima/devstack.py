@@ -222,6 +222,7 @@ class DevStack:
 
     async def _start_worker(self) -> None:
         # Imported here: only a stack that runs a worker needs the workflow code.
+        from makima.executors.claude_code import claude_code_preflight
         from makima.llm.client import llm_from_env
         from makima.sandbox import require_sandbox
         from makima.store import create_pool
@@ -229,6 +230,7 @@ class DevStack:
 
         assert self.client is not None
         await asyncio.to_thread(require_sandbox)  # refuses to start unconfined by accident
+        claude_code_preflight()
         self._pool = await create_pool(self.database_url)
         self._llm = llm_from_env()
         self._worker = build_worker(self.client, task_queue(),

@@ -1,5 +1,6 @@
 """The bubblewrap sandbox every agent-controlled process runs in: the anthropic
-agent's commands, shell steps and every check.
+agent's commands, shell steps, the whole Claude Code process (and so every
+command its Bash tool runs) and every check.
 
 Inside the sandbox a process sees:
 
@@ -16,7 +17,8 @@ Inside the sandbox a process sees:
 - nothing else: not `MAKIMA_HOME` (other worktrees, logs, clones), not the
   worker's home or project folder;
 - no network (not even the worker's loopback, where Temporal and Postgres
-  listen) unless `network=True` (a directive's `sandbox.network`).
+  listen) unless `network=True` (a directive's `sandbox.network`). Claude Code
+  reaches the model API through makima.executors.model_proxy instead.
 
 The process runs as an unprivileged uid inside a user namespace (SANDBOX_UID),
 whatever uid the worker has: a root worker's agent is not root.
@@ -66,10 +68,14 @@ def sandbox_enabled() -> bool:
 
 @dataclass(frozen=True)
 class Confinement:
-    """What one sandboxed process may touch: its worktree, and the network or not."""
+    """What one sandboxed process may touch: its worktree, the network or not, a
+    folder kept as its HOME across runs (else HOME is empty and private), and
+    extra folders it may read."""
 
     worktree: Path
     network: bool = False
+    home: Path | None = None
+    readonly: tuple[Path, ...] = ()
 
 
 def _git_data(worktree: Path) -> tuple[Path | None, Path | None]:
@@ -140,6 +146,12 @@ def bwrap_command(argv: list[str], confinement: Confinement, *,
     if (worktree / ".git").is_file():
         pointer = worktree / ".git"
         mounts.append((pointer, ["--ro-bind", str(pointer), str(pointer)]))
+    for folder in confinement.readonly:
+        mounts.append((folder, ["--ro-bind", str(folder), str(folder)]))
+    if confinement.home is not None:
+        mounts.append((Path(SANDBOX_HOME), ["--bind", str(confinement.home), SANDBOX_HOME]))
+    else:
+        mounts.append((Path(SANDBOX_HOME), ["--dir", SANDBOX_HOME]))
     mounts.sort(key=lambda item: len(item[0].parts))  # stable: parents first
     command = [bwrap, "--die-with-parent", "--unshare-all", "--unshare-user",
                "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
@@ -148,7 +160,7 @@ def bwrap_command(argv: list[str], confinement: Confinement, *,
     command += ["--proc", "/proc", "--dev", "/dev"]
     for _, args in mounts:
         command += args
-    command += ["--dir", SANDBOX_HOME, "--chdir", str(worktree), "--", *argv]
+    command += ["--chdir", str(worktree), "--", *argv]
     return command
 
 
@@ -165,7 +177,7 @@ def require_sandbox() -> str:
     run of `true` inside it) and describe the result; SandboxUnavailable with the
     fix otherwise. MAKIMA_SANDBOX=off is logged as the opt-out it is."""
     if not sandbox_enabled():
-        message = ("MAKIMA_SANDBOX=off: agent commands, shell steps and checks run WITHOUT "
+        message = ("MAKIMA_SANDBOX=off: agent commands, shell steps, Claude Code and checks run WITHOUT "
                    "confinement, with the worker's file-system access and network")
         logger.warning(message)
         return message
@@ -182,6 +194,6 @@ def require_sandbox() -> str:
             f"bubblewrap cannot create a sandbox here (exit {done.returncode}: "
             f"{done.stderr.strip()[-500:]}); it needs unprivileged user namespaces "
             f"(sysctl kernel.unprivileged_userns_clone=1) or: {INSTALL_HINT}")
-    message = "sandbox: bubblewrap works; agent commands, shell steps and checks are confined"
+    message = "sandbox: bubblewrap works; agent commands, shell steps, Claude Code and checks are confined"
     logger.info(message)
     return message

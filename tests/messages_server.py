@@ -96,6 +96,36 @@ def error_reply(status: int, message: str = "", *, headers: dict[str, str] | Non
 Responder = Callable[[ReceivedRequest], Reply]
 
 
+def sse_events(message: dict[str, Any]) -> bytes:
+    """A complete Messages API reply as the server-sent events a `stream: true`
+    request gets (message_start, one start/delta/stop per content block,
+    message_delta with the stop reason and output tokens, message_stop)."""
+    used = dict(message.get("usage") or {})
+    events: list[tuple[str, dict[str, Any]]] = [("message_start", {
+        "type": "message_start",
+        "message": {**message, "content": [], "stop_reason": None,
+                    "usage": {**used, "output_tokens": 1}}})]
+    for index, block in enumerate(message.get("content") or []):
+        if block["type"] == "text":
+            start = {"type": "text", "text": ""}
+            delta = {"type": "text_delta", "text": block["text"]}
+        else:
+            start = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events += [("content_block_start", {"type": "content_block_start", "index": index,
+                                            "content_block": start}),
+                   ("content_block_delta", {"type": "content_block_delta", "index": index,
+                                            "delta": delta}),
+                   ("content_block_stop", {"type": "content_block_stop", "index": index})]
+    events += [("message_delta", {"type": "message_delta",
+                                  "delta": {"stop_reason": message.get("stop_reason"),
+                                            "stop_sequence": None},
+                                  "usage": {"output_tokens": used.get("output_tokens", 0)}}),
+               ("message_stop", {"type": "message_stop"})]
+    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                    for name, data in events)
+
+
 #: Anthropic's prompt cache: an entry lives this long after it was last used.
 CACHE_TTL_SECONDS = 300.0
 #: How many blocks before a breakpoint the API looks for an earlier cache entry.
@@ -237,9 +267,11 @@ class MessagesServer:
                     reply = error_reply(404, f"unknown path {self.path}")
                 else:
                     reply = server._next(request)
-                payload = json.dumps(reply.body).encode()
+                streamed = reply.status == 200 and bool(body.get("stream"))
+                payload = sse_events(reply.body) if streamed else json.dumps(reply.body).encode()
                 self.send_response(reply.status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type",
+                                 "text/event-stream" if streamed else "application/json")
                 self.send_header("content-length", str(len(payload)))
                 self.send_header("request-id", f"req_test_{next(_ids)}")
                 for key, value in reply.headers.items():

@@ -44,7 +44,7 @@ from tests.fakes.repos import make_repo, set_identity, sh
 from tests.messages_server import MessagesServer, text_reply, tool_reply
 
 DIRECTIVE = "directive-escape-0001"
-SECRET_NAMES = ("MAKIMA_TEST_SECRET", "DATABASE_URL", "ANTHROPIC_API_KEY")
+SECRET_NAMES = ("MAKIMA_TEST_SECRET", "DATABASE_URL")
 
 
 @dataclass
@@ -93,13 +93,15 @@ class Target:
     def probe(self) -> str:
         """A bash script that prints `blocked: <what>` or `ESCAPED: <what>` per attempt,
         and `allowed: worktree` when its own worktree works."""
-        names = "|".join(SECRET_NAMES)
+        # a secret by its name, or an Anthropic key by its shape (Claude Code holds a
+        # placeholder under the same name)
+        found = "^(" + "|".join(SECRET_NAMES) + ")=|sk-ant-"
         marker = '"OUTSIDE""-MARKER"'  # not spelled out in the script itself
         attempts = {
-            "proc-1-environ": f"tr '\\0' '\\n' < /proc/1/environ | grep -Eq '^({names})='",
-            "ppid-environ": f"tr '\\0' '\\n' < /proc/$P/environ | grep -Eq '^({names})='",
-            "any-environ": f"cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep -Eq '^({names})='",
-            "own-env": f"env | grep -Eq '^({names})='",
+            "proc-1-environ": f"tr '\\0' '\\n' < /proc/1/environ | grep -Eq '{found}'",
+            "ppid-environ": f"tr '\\0' '\\n' < /proc/$P/environ | grep -Eq '{found}'",
+            "any-environ": f"cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep -Eq '{found}'",
+            "own-env": f"env | grep -Eq '{found}'",
             "dotdot": f"grep -rqs {marker} ../../../../",
             "absolute-read": f"grep -qs {marker} {self.outside}",
             "other-worktree": f"cat {self.other_worktree}/notes.txt",

@@ -1,6 +1,22 @@
 """The `claude_code` executor: Claude Code through the Claude Agent SDK
-(`pip install 'makima[claude]'`), with the worktree as its working directory
-and the task plan as its prompt.
+(`pip install 'makima[claude]'`), with the worktree as its working directory,
+Claude Code's own system prompt (the `claude_code` preset) with makima's step
+instructions appended, and the task plan as its prompt.
+
+Confinement: the whole CLI runs in the sandbox (makima.sandbox) as an
+unprivileged uid, so it and every command its Bash tool runs can change only
+the worktree. The sandbox has no network: the CLI reaches the model API through
+makima.executors.model_proxy, which adds the worker's credentials outside, so
+the CLI holds only a placeholder key. Its HOME (sessions, settings) is a folder
+kept next to the worktree (`.claude-homes/<attempt>`) so a retry can resume,
+and removed once the attempt's run ends with a result. Because the agent is not
+root inside the sandbox, `bypassPermissions` works for a root worker too. With
+MAKIMA_SANDBOX=off the CLI runs unconfined with the worker's credentials; a root
+worker then refuses to start (`claude_code_preflight`), since Claude Code
+refuses `bypassPermissions` for root.
+
+The CLI's stderr is kept (its end) and goes into the attempt's reason when the
+CLI fails, and into the output tail.
 
 The session id Claude Code reports is passed to the progress callback (the
 activity puts it in its heartbeat details), and a retried attempt that finds it
@@ -14,7 +30,8 @@ and every command it started within seconds (the SDK alone would wait for it).
 Configuration (environment):
     MAKIMA_CLAUDE_CLI              path of the `claude` executable (default: the SDK's
                                    bundled one, else `claude` on PATH)
-    MAKIMA_CLAUDE_PERMISSION_MODE  default bypassPermissions (unattended work)
+    MAKIMA_CLAUDE_PERMISSION_MODE  default bypassPermissions (unattended work; safe: the
+                                   sandbox confines it)
     MAKIMA_AGENT_MAX_TURNS         default DEFAULT_MAX_TURNS
     MAKIMA_EXECUTOR_MODEL          default: Claude Code's own (spec.models.executor wins)
 """
@@ -22,7 +39,9 @@ Configuration (environment):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -40,18 +59,68 @@ from makima.executors.base import (
     env_int,
     task_prompt,
 )
+from makima.executors.model_proxy import (
+    FORWARDER,
+    PLACEHOLDER_KEY,
+    SANDBOX_API_PORT,
+    ModelProxy,
+)
 from makima.models import ExecutorKind, Usage
-from makima.process import KILL_GRACE_SECONDS, kill_process_group, truncate_tail
+from makima.process import (
+    KILL_GRACE_SECONDS,
+    agent_environment,
+    kill_process_group,
+    scrub_secrets,
+    truncate_tail,
+)
+from makima.sandbox import Confinement, bwrap_command, sandbox_enabled
 
 DEFAULT_MAX_TURNS = 200
+DEFAULT_PERMISSION_MODE = "bypassPermissions"
+#: Lines of the CLI's stderr kept for the attempt's reason and output tail.
+STDERR_LINES = 40
 
+#: Appended to Claude Code's own system prompt.
+STEP_INSTRUCTIONS = (
+    "You are running unattended as one step of a makima directive: nobody can answer "
+    "questions, so decide, do the work, and end with a short summary of what you changed "
+    "and how you checked it. Work only inside the current directory, a git worktree of "
+    "its own. makima commits your changes when you finish: do not commit, push or switch "
+    "branches (merging or rebasing inside this worktree is fine when the task asks for it)."
+)
+
+#: Started by the SDK in place of the CLI: becomes the leader of its own process
+#: group (so a cancel kills everything), writes its pid down, and starts the
+#: command makima prepared (the sandboxed CLI) with makima's environment plus the
+#: SDK's own CLAUDE_* settings.
 _LAUNCHER = """#!{python}
-import os, sys
-with open(os.environ["MAKIMA_CLAUDE_PIDFILE"], "w") as f:
+import json, os, re, sys
+with open({launch!r}) as f:
+    launch = json.load(f)
+with open(launch["pidfile"], "w") as f:
     f.write(str(os.getpid()))
 os.setsid()
-os.execv({cli!r}, [{cli!r}, *sys.argv[1:]])
+env = dict(launch["env"])
+secret = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|AUTH|CREDENTIAL)", re.I)
+env.update({{k: v for k, v in os.environ.items()
+            if k.startswith("CLAUDE") and not secret.search(k)}})
+os.execve(launch["argv"][0], launch["argv"] + sys.argv[1:], env)
 """
+
+
+def permission_mode() -> str:
+    return (os.environ.get("MAKIMA_CLAUDE_PERMISSION_MODE") or "").strip() or DEFAULT_PERMISSION_MODE
+
+
+def claude_code_preflight() -> None:
+    """At worker start: Claude Code refuses `bypassPermissions` for root unless it
+    runs sandboxed, so a root worker without the sandbox refuses to start."""
+    if os.geteuid() == 0 and not sandbox_enabled() and permission_mode() == "bypassPermissions":
+        raise ExecutorSetupError(
+            "Claude Code refuses --permission-mode bypassPermissions for root, and "
+            "MAKIMA_SANDBOX=off leaves it unconfined: enable the sandbox (install bubblewrap; "
+            "the agent then runs as an unprivileged user), run the worker as a non-root user, "
+            "or choose another MAKIMA_CLAUDE_PERMISSION_MODE (e.g. acceptEdits)")
 
 
 def _load_sdk() -> Any:
@@ -88,39 +157,56 @@ class ClaudeCodeExecutor:
     async def run(self, request: ExecutionRequest) -> ExecutionResult:
         sdk = _load_sdk()
         cli = find_claude_cli(sdk)
-        with tempfile.TemporaryDirectory(prefix="makima-claude-") as scratch:
-            launcher = Path(scratch) / "claude"
-            launcher.write_text(_LAUNCHER.format(python=sys.executable, cli=cli))
-            launcher.chmod(0o755)
-            pidfile = Path(scratch) / "pid"
-            options = sdk.ClaudeAgentOptions(
-                cwd=str(request.worktree),
-                cli_path=str(launcher),
-                permission_mode=(os.environ.get("MAKIMA_CLAUDE_PERMISSION_MODE")
-                                 or "bypassPermissions"),
-                max_turns=env_int("MAKIMA_AGENT_MAX_TURNS", DEFAULT_MAX_TURNS),
-                model=request.spec.models.executor
-                or (os.environ.get("MAKIMA_EXECUTOR_MODEL") or "").strip() or None,
-                resume=request.resume_session_id,
-                env={"MAKIMA_CLAUDE_PIDFILE": str(pidfile)},
-            )
-            # The conversation runs in its own task so that a cancellation of this
-            # one reaches us first: we kill Claude Code's process group, then let the
-            # SDK clean up (it would otherwise wait for the CLI to exit on its own).
-            conversation = asyncio.create_task(self._converse(sdk, request, options))
-            try:
-                return await asyncio.shield(conversation)
-            except asyncio.CancelledError:
-                await _kill_group_from(pidfile)
-                conversation.cancel()
-                with contextlib.suppress(BaseException):
-                    await conversation
-                raise
-            finally:
-                # Commands Claude Code left running must not outlive the attempt.
-                _signal_group_from(pidfile, signal.SIGKILL)
+        home = session_home(request.worktree)
+        home.mkdir(parents=True, exist_ok=True)
+        stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        with tempfile.TemporaryDirectory(prefix="makima-claude-") as folder:
+            scratch = Path(folder)
+            pidfile = scratch / "pid"
+            async with contextlib.AsyncExitStack() as stack:
+                argv, env = _confined_cli(cli, request, scratch, home)
+                if sandbox_enabled():
+                    await stack.enter_async_context(ModelProxy(scratch / "api.sock"))
+                launch = scratch / "launch.json"
+                launch.write_text(json.dumps({"pidfile": str(pidfile), "argv": argv,
+                                              "env": env}))
+                launcher = scratch / "claude"
+                launcher.write_text(_LAUNCHER.format(python=sys.executable, launch=str(launch)))
+                launcher.chmod(0o700)
+                options = sdk.ClaudeAgentOptions(
+                    cwd=str(request.worktree),
+                    cli_path=str(launcher),
+                    system_prompt={"type": "preset", "preset": "claude_code",
+                                   "append": STEP_INSTRUCTIONS},
+                    permission_mode=permission_mode(),
+                    max_turns=env_int("MAKIMA_AGENT_MAX_TURNS", DEFAULT_MAX_TURNS),
+                    model=request.spec.models.executor
+                    or (os.environ.get("MAKIMA_EXECUTOR_MODEL") or "").strip() or None,
+                    resume=request.resume_session_id,
+                    stderr=stderr.append,
+                )
+                # The conversation runs in its own task so that a cancellation of this
+                # one reaches us first: we kill Claude Code's process group, then let the
+                # SDK clean up (it would otherwise wait for the CLI to exit on its own).
+                conversation = asyncio.create_task(
+                    self._converse(sdk, request, options, stderr))
+                try:
+                    result = await asyncio.shield(conversation)
+                except asyncio.CancelledError:
+                    await _kill_group_from(pidfile)
+                    conversation.cancel()
+                    with contextlib.suppress(BaseException):
+                        await conversation
+                    raise
+                finally:
+                    # Commands Claude Code left running must not outlive the attempt.
+                    _signal_group_from(pidfile, signal.SIGKILL)
+        # The run ended with a result: nothing left to resume.
+        shutil.rmtree(home, ignore_errors=True)
+        return result
 
-    async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any) -> ExecutionResult:
+    async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any,
+                        stderr: collections.deque[str]) -> ExecutionResult:
         session_id = request.resume_session_id
         texts: list[str] = []
         result: Any = None
@@ -149,9 +235,11 @@ class ClaudeCodeExecutor:
         except sdk.ClaudeSDKError as exc:
             # The CLI crashed or could not start: retryable, and the retry resumes the
             # session recorded in the heartbeat details.
-            raise ExecutorError(f"Claude Code failed: {exc}") from exc
+            raise ExecutorError(scrub_secrets(
+                f"Claude Code failed: {exc}{_stderr_note(stderr)}")) from exc
         if result is None:
-            raise ExecutorError("Claude Code ended without a result message")
+            raise ExecutorError(scrub_secrets(
+                f"Claude Code ended without a result message{_stderr_note(stderr)}"))
         raw = result.usage or {}
         usage = Usage(
             input_tokens=int(raw.get("input_tokens") or 0),
@@ -162,15 +250,60 @@ class ClaudeCodeExecutor:
         )
         summary = (result.result or "").strip() or (texts[-1] if texts else "")
         if result.is_error:
-            summary = f"Claude Code reported an error ({result.subtype}): {summary}"
+            summary = (f"Claude Code reported an error ({result.subtype}): {summary}"
+                       f"{_stderr_note(stderr)}")
+        if stderr:
+            texts.append("[stderr]\n" + "\n".join(stderr))
         return ExecutionResult(
             success=not result.is_error,
             exit_code=1 if result.is_error else 0,
-            output_tail=truncate_tail("\n".join(texts), OUTPUT_TAIL_CHARS),
-            summary=summary[:2000],
+            output_tail=scrub_secrets(truncate_tail("\n".join(texts), OUTPUT_TAIL_CHARS)),
+            summary=scrub_secrets(summary[-2000:] if result.is_error else summary[:2000]),
             session_id=session_id,
             usage=usage,
         )
+
+
+def session_home(worktree: Path) -> Path:
+    """Claude Code's HOME for one attempt: next to its worktree (never inside it,
+    where it would be committed), kept until the attempt's run ends with a result."""
+    return worktree.parent / ".claude-homes" / worktree.name
+
+
+def _confined_cli(cli: str, request: ExecutionRequest, scratch: Path,
+                  home: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start the CLI: inside the sandbox, behind
+    the model proxy's forwarder, with a placeholder key; or, with the sandbox off,
+    the CLI itself with the worker's Anthropic settings."""
+    sandbox = request.spec.sandbox
+    quiet = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+    if not sandbox_enabled():
+        worker = {name: os.environ[name] for name in
+                  ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")
+                  if os.environ.get(name)}
+        env = agent_environment({**quiet, **worker, "HOME": str(home)}, declared=sandbox.env)
+        return [cli], env
+    forwarder = scratch / "forwarder.py"
+    forwarder.write_text(FORWARDER)
+    socket_path = scratch / "api.sock"
+    real_cli = Path(cli).resolve()
+    confinement = Confinement(request.worktree, network=False, home=home,
+                              readonly=(scratch, real_cli.parent))
+    argv = bwrap_command([sys.executable, str(forwarder), str(socket_path),
+                          str(SANDBOX_API_PORT), str(real_cli)], confinement)
+    env = agent_environment({
+        **quiet,
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{SANDBOX_API_PORT}",
+        "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+        # honest: makima provides the sandbox this process runs in
+        "IS_SANDBOX": "1",
+    }, declared=sandbox.env)
+    return argv, env
+
+
+def _stderr_note(stderr: collections.deque[str]) -> str:
+    lines = [line.rstrip() for line in stderr if line.strip()]
+    return ("; its stderr ended with:\n" + "\n".join(lines[-15:])) if lines else ""
 
 
 def _group_leader(pidfile: Path) -> int | None:
