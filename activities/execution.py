@@ -58,7 +58,7 @@ from makima.git import (
     makima_home,
     safe_path_component,
 )
-from makima.models import Repository
+from makima.models import Repository, Usage
 from makima.process import truncate_tail
 
 #: Seconds between heartbeats of a running attempt. Cheap: the SDK throttles what it
@@ -76,6 +76,13 @@ def _session_from_heartbeat(details: Any) -> str | None:
     for item in reversed(list(details or [])):
         if isinstance(item, dict) and item.get("session_id"):
             return str(item["session_id"])
+    return None
+
+
+def _usage_from_heartbeat(details: Any) -> Usage | None:
+    for item in reversed(list(details or [])):
+        if isinstance(item, dict) and item.get("usage"):
+            return Usage.model_validate(item["usage"])
     return None
 
 
@@ -158,15 +165,20 @@ class ExecutionActivities:
             # A retry of this same attempt on this worker that resumes an agent session
             # keeps what the agent did so far (the session expects its files there).
             resume_session_id = _session_from_heartbeat(info.heartbeat_details)
+            conflicts: list[str] = []
             if not (info.attempt > 1 and resume_session_id and _exists(worktree / ".git")):
                 await repo.add_worktree(worktree, start)
+                if start != integration_head:
+                    conflicts = await _catch_up(repo, worktree, integration_head,
+                                                input.integration_branch)
 
-        progress = Progress(session_id=resume_session_id)
+        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if resume_session_id else None
+        progress = Progress(session_id=resume_session_id, usage=resume_usage)
         heartbeat = _Heartbeat(step, input.attempt, started, progress)
         request = ExecutionRequest(
             directive_id=input.directive_id, spec=input.spec, step=input.step,
             attempt=input.attempt, worktree=worktree, rework=input.rework,
-            resume_session_id=resume_session_id,
+            resume_session_id=resume_session_id, resume_usage=resume_usage, conflicts=conflicts,
             on_progress=lambda _: heartbeat.beat(), progress=progress)
         beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
         try:
@@ -263,9 +275,8 @@ class ExecutionActivities:
                 return MergeOutput(merged=False, commit=result.head,
                                    conflict_files=result.conflict_files, message=(
                     f"merging step {input.step} (attempt {input.attempt}) into {target} conflicts "
-                    f"in: {files}. Rebase the step's work on the integration branch ({target}), "
-                    f"resolve the conflicts in {files} keeping both changes' intent, and try "
-                    "again. Nothing was merged."))
+                    f"in: {files}. Nothing was merged; a rework starts from the step's work with "
+                    f"{target} merged in, conflict markers included."))
             return MergeOutput(merged=True, commit=result.head,
                                message=f"merged step {input.step} into {target} at "
                                        f"{result.head[:12]}")
@@ -305,6 +316,15 @@ class ExecutionActivities:
                 return await complete(repo, input)
 
 
+async def _catch_up(repo: GitRepository, worktree: Path, integration_head: str,
+                    integration_branch: str) -> list[str]:
+    """A rework starts from its step branch with the integration branch merged in, so
+    work merged meanwhile (the cause of a merge conflict) is in its worktree; a
+    conflict is left there, markers included, for the agent. Returns its files."""
+    return await repo.merge_into_worktree(
+        worktree, integration_head, f"makima: merge {integration_branch} into the step's work")
+
+
 def _matching_folders(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -337,6 +357,8 @@ class _Heartbeat:
             "last_tool": self.progress.last_tool,
             "session_id": self.progress.session_id,
             "note": self.progress.note[:200],
+            "usage": (self.progress.usage.model_dump(mode="json")
+                      if self.progress.usage is not None else None),
         }
 
     def beat(self) -> None:

@@ -342,14 +342,38 @@ class GitRepository:
 
     # -- attempts
     async def commit_attempt(self, worktree: Path, message: str) -> str:
-        """Commit everything in `worktree` (if anything changed) and return HEAD."""
+        """Commit everything in `worktree` (if anything changed, or a merge is under
+        way) and return HEAD."""
         await self.run("add", "--all", cwd=worktree)
         staged = await self.run("diff", "--cached", "--quiet", cwd=worktree, check=False)
-        if staged.code != 0:
+        merging = await self.run("rev-parse", "-q", "--verify", "MERGE_HEAD", cwd=worktree,
+                                 check=False)
+        if staged.code != 0 or merging.code == 0:
             await self.run("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree,
                            env=await self.identity_env())
         head = await self.run("rev-parse", "HEAD", cwd=worktree)
         return head.stdout.strip()
+
+    async def merge_into_worktree(self, worktree: Path, commit: str, message: str) -> list[str]:
+        """For a rework whose step branch lags the integration branch: merge `commit`
+        into the worktree's HEAD. A clean merge is committed; a conflicting one is
+        left under way, conflict markers in the files, for the agent to resolve
+        (makima commits the merge with its work). Returns the conflicted files."""
+        if await self.is_ancestor(commit, await self._head(worktree)):
+            return []
+        result = await self.run("merge", "--no-ff", "--no-edit", "-m", message, commit,
+                                cwd=worktree, check=False, env=await self.identity_env())
+        if result.code == 0:
+            return []
+        conflicted = await self.run("diff", "--name-only", "--diff-filter=U", cwd=worktree)
+        files = [line for line in conflicted.stdout.splitlines() if line]
+        if not files:
+            raise GitError(f"git merge of {commit[:12]} into {worktree} failed: "
+                           f"{(result.stderr or result.stdout).strip()[-1000:]}")
+        return files
+
+    async def _head(self, worktree: Path) -> str:
+        return (await self.run("rev-parse", "HEAD", cwd=worktree)).stdout.strip()
 
     async def describe(self, base: str, head: str) -> Changes:
         """Files changed and a diff stat of `head` against its merge base with `base`."""

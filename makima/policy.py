@@ -138,8 +138,9 @@ def merge_conflict_evaluation(files: list[str], message: str) -> Evaluation:
         summary=f"merge conflict with the integration branch in {listed}",
         rework_instructions=(
             f"Your work conflicts with work merged meanwhile into the integration branch, in: "
-            f"{listed}. Rebase your branch on the integration branch, resolve the conflicts in "
-            f"those files keeping both intents, and make the checks pass again. {message}"
+            f"{listed}. The next attempt's worktree holds your work with the integration branch "
+            f"merged in, conflict markers included: resolve the conflicts in those files "
+            f"keeping both intents, and make the checks pass again. {message}"
         ).strip(),
         evaluator="merge",
     )

@@ -403,7 +403,7 @@ async def test_merge_conflict_is_reworked_with_the_files_named(
     assert result.status is DirectiveStatus.COMPLETED
     second = stand.called(EXECUTE, "a")[1]
     assert "shared.txt" in second.rework.instructions
-    assert "Rebase" in second.rework.instructions
+    assert "conflict markers" in second.rework.instructions
 
 
 async def test_user_supplied_invalid_plan_fails_with_every_problem(

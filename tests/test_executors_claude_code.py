@@ -101,6 +101,7 @@ async def test_a_crash_is_retryable_and_the_retry_resumes_the_session(
     assert not caught.value.non_retryable  # Temporal retries it
     last_details = heartbeats[-1]
     assert last_details["session_id"] == "sess-crashy"
+    assert last_details["usage"]["input_tokens"] == 1000  # billed before the crash
 
     # Temporal's retry of the same attempt hands the last heartbeat details back.
     retry = ActivityEnvironment()
@@ -114,6 +115,9 @@ async def test_a_crash_is_retryable_and_the_retry_resumes_the_session(
         step=PlannedStep(name="build", task_plan="Create claude.txt."),
         integration_branch=f"makima/{DIRECTIVE}"))
     assert out.success and out.session_id == "sess-crashy"
+    # tokens and cost cover the same calls: the whole session, the crashed try included
+    assert out.usage.input_tokens == 1120 and out.usage.output_tokens == 130
+    assert out.usage.cost_usd == pytest.approx(0.0123)
     second = calls(fake_claude)[-1]
     assert "--resume=sess-crashy" in second["argv"]
     assert "resumed: sess-crashy" in (Path(out.worktree) / "claude.txt").read_text()

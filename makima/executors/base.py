@@ -37,6 +37,9 @@ class Progress:
     last_tool: str | None = None
     session_id: str | None = None
     note: str = ""
+    #: Claude Code: tokens the session has been billed so far (kept in heartbeat
+    #: details, so a resumed try can count the tokens of the try that crashed).
+    usage: Usage | None = None
 
 
 @dataclass
@@ -47,8 +50,13 @@ class ExecutionRequest:
     attempt: int  # 1-based
     worktree: Path
     rework: ReworkContext | None = None
-    #: Claude Code: the session a previous try of this same attempt started.
+    #: Claude Code: the session a previous try of this same attempt started, and
+    #: the tokens that session was billed before this try.
     resume_session_id: str | None = None
+    resume_usage: Usage | None = None
+    #: Files with conflict markers: the integration branch was merged into this
+    #: rework's worktree and conflicts with the step's earlier work.
+    conflicts: list[str] = field(default_factory=list)
     #: Called whenever progress changes (cheap; the caller throttles).
     on_progress: Callable[[Progress], None] = lambda progress: None
     progress: Progress = field(default_factory=Progress)
@@ -93,6 +101,15 @@ def task_prompt(request: ExecutionRequest) -> str:
             f"Feedback: {rework.feedback or '(none)'}\n"
             f"Instructions: {rework.instructions or '(none)'}"
         )
+    if request.conflicts:
+        parts.append(
+            "MERGE CONFLICT: the integration branch (work merged since your step began) has "
+            "been merged into this worktree and conflicts with your step's work. The merge is "
+            "under way; these files hold conflict markers (<<<<<<< ======= >>>>>>>):\n"
+            + "\n".join(f"- {name}" for name in request.conflicts)
+            + "\nResolve every conflict keeping both sides' intent and remove the markers. "
+            "You may use git (status, diff, merge, rebase) inside this worktree; do not push "
+            "or touch other branches. makima commits the merge with your changes.")
     context = [f"Directive: {spec.title}", f"Goal: {spec.goal}"]
     for title, items in (("Requirements", spec.requirements),
                          ("Acceptance criteria", spec.acceptance_criteria),

@@ -208,6 +208,8 @@ class ClaudeCodeExecutor:
     async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any,
                         stderr: collections.deque[str]) -> ExecutionResult:
         session_id = request.resume_session_id
+        earlier = request.resume_usage or Usage()
+        billed: dict[str, Usage] = {}  # this run's API calls so far, by message id
         texts: list[str] = []
         result: Any = None
         turns = 0
@@ -227,8 +229,11 @@ class ClaudeCodeExecutor:
                         elif isinstance(block, sdk.ToolUseBlock):
                             last_tool = block.name
                             texts.append(f"[{block.name}] {str(block.input)[:300]}")
+                    if message.usage and message.message_id:
+                        billed[message.message_id] = _tokens(message.usage)
                     request.report(turns=turns, last_tool=last_tool,
-                                   session_id=message.session_id or session_id)
+                                   session_id=message.session_id or session_id,
+                                   usage=sum(billed.values(), earlier))
                 elif isinstance(message, sdk.ResultMessage):
                     result = message
                     session_id = message.session_id or session_id
@@ -240,14 +245,11 @@ class ClaudeCodeExecutor:
         if result is None:
             raise ExecutorError(scrub_secrets(
                 f"Claude Code ended without a result message{_stderr_note(stderr)}"))
-        raw = result.usage or {}
-        usage = Usage(
-            input_tokens=int(raw.get("input_tokens") or 0),
-            output_tokens=int(raw.get("output_tokens") or 0),
-            cache_read_tokens=int(raw.get("cache_read_input_tokens") or 0),
-            cache_write_tokens=int(raw.get("cache_creation_input_tokens") or 0),
-            cost_usd=round(float(result.total_cost_usd or 0.0), 6),
-        )
+        # The result's tokens are this run's, its cost the whole session's (a resumed
+        # session included): add the tokens earlier tries of the session were billed
+        # so both cover the same calls.
+        usage = (earlier + _tokens(result.usage or {})).model_copy(
+            update={"cost_usd": round(float(result.total_cost_usd or 0.0), 6)})
         summary = (result.result or "").strip() or (texts[-1] if texts else "")
         if result.is_error:
             summary = (f"Claude Code reported an error ({result.subtype}): {summary}"
@@ -262,6 +264,15 @@ class ClaudeCodeExecutor:
             session_id=session_id,
             usage=usage,
         )
+
+
+def _tokens(raw: dict[str, Any]) -> Usage:
+    return Usage(
+        input_tokens=int(raw.get("input_tokens") or 0),
+        output_tokens=int(raw.get("output_tokens") or 0),
+        cache_read_tokens=int(raw.get("cache_read_input_tokens") or 0),
+        cache_write_tokens=int(raw.get("cache_creation_input_tokens") or 0),
+    )
 
 
 def session_home(worktree: Path) -> Path:
