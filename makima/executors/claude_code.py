@@ -240,8 +240,10 @@ class ClaudeCodeExecutor:
         except sdk.ClaudeSDKError as exc:
             # The CLI crashed or could not start: retryable, and the retry resumes the
             # session recorded in the heartbeat details.
+            # Not chained: the SDK's error says only "check stderr"; this message carries
+            # its text and the stderr, and a failure's innermost cause is what people see.
             raise ExecutorError(scrub_secrets(
-                f"Claude Code failed: {exc}{_stderr_note(stderr)}")) from exc
+                f"Claude Code failed: {exc}{_stderr_note(stderr)}")) from None
         if result is None:
             raise ExecutorError(scrub_secrets(
                 f"Claude Code ended without a result message{_stderr_note(stderr)}"))
