@@ -307,6 +307,9 @@ class StepProgress(Model):
     usage: Usage = Field(default_factory=Usage)  # spent since the last progress report
     seq: int = 0  # orders reports of one step run; signals may arrive out of order
     at: datetime | None = None
+    #: Where the attempt's work is (set when it waits for approval).
+    branch: str | None = None
+    commit: str | None = None
 
 
 class StepDecision(Model):

@@ -240,7 +240,8 @@ class DirectiveSpec(Model):
     approvers: list[str] | None = None
     plan: Plan | None = None
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
-    #: Set by makima itself when a directive continues as new; never by users.
+    #: Set by makima itself when a directive continues as new. A run that was not
+    #: continued from another one refuses a spec that holds a carry (see DirectiveWorkflow).
     carry: DirectiveCarry | None = None
 
     @field_validator("title", "goal")
@@ -334,11 +335,16 @@ class StepState(Model):
 
 
 class PendingApproval(Model):
+    """A step waiting for a person: the attempt they decide on, and where its work is."""
+
     step: str
     attempt: int
     score: float
     summary: str = ""
     requested_at: datetime | None = None
+    generation: int | None = None
+    branch: str | None = None
+    commit: str | None = None
 
 
 class EventSummary(Model):
@@ -367,6 +373,9 @@ class DirectiveSnapshot(Model):
     integration_branch: str = ""
     owner: str = ""
     recent_events: list[EventSummary] = Field(default_factory=list)
+    #: A goal change accepted and not yet planned, and what it waits for.
+    pending_goal: str | None = None
+    pending_goal_waits_for: str = ""
 
 
 # --------------------------------------------------------------------------- continue-as-new carry
@@ -395,9 +404,10 @@ class DirectiveCarry(Model):
     current_plan: Plan | None = None
     current_steps: list[StepState] = Field(default_factory=list)
     reevaluations: dict[str, int] = Field(default_factory=dict)
-
-
-DirectiveSpec.model_rebuild()
+    #: What people changed that the next run must keep: an accepted stop, and a goal
+    #: change not planned yet (budgets travel in the spec, pause in `paused`).
+    stop_reason: str | None = None
+    goal_update: GoalUpdate | None = None
 
 
 # --------------------------------------------------------------------------- messages (signals, updates)
@@ -410,6 +420,8 @@ class ApprovalDecision(Model):
     # The attempt the person saw. None (older clients) means "whatever waits now";
     # a named attempt that no longer waits is refused by the directive's validator.
     attempt: int | None = None
+    # The generation the person saw, likewise.
+    generation: int | None = None
 
 
 class StopRequest(Model):
@@ -434,3 +446,8 @@ class Empty(Model):
 class UpdateAnswer(Model):
     accepted: bool = True
     message: str = ""
+
+
+# the carry names GoalUpdate, defined with the messages below it
+DirectiveCarry.model_rebuild()
+DirectiveSpec.model_rebuild()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from makima.constants import MAX_TEXT_IN_HISTORY
-from makima.models import Autonomy, Budgets, Confidence, Evaluation, Thresholds
+from makima.models import Autonomy, BudgetRaise, Budgets, Confidence, Evaluation, Thresholds
 
 
 class Decision(StrEnum):
@@ -105,6 +105,23 @@ def replan_refusal(budgets: Budgets, *, replans: int, failed_steps: int) -> Brea
             f"re-plan budget spent: {replans} of {budgets.max_chain_regenerations} re-plans used",
         )
     return None
+
+
+def budget_lowering(budgets: Budgets, request: BudgetRaise) -> str | None:
+    """Why `request` is not a raise of `budgets` (naming each current value), or None.
+
+    A budget without a limit (None) cannot be raised: setting one would lower it.
+    """
+    problems = []
+    for name, wanted in request.model_dump(exclude_none=True).items():
+        current = getattr(budgets, name)
+        if current is None:
+            problems.append(f"{name} has no limit now; {wanted} would lower it")
+        elif wanted < current:
+            problems.append(f"{name} is {current} now; {wanted} would lower it")
+    if not problems:
+        return None
+    return "raise_budget only raises budgets: " + "; ".join(problems)
 
 
 def failed_execution_evaluation(

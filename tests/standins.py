@@ -99,6 +99,9 @@ class StandIns:
     cancelled: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     overlaps: set[frozenset[str]] = field(default_factory=set)
+    #: While set, batches of events the directive itself records wait (its drain is held).
+    hold_directive_records: bool = False
+    plan_cost: float = 0.01
 
     def gate(self, step: str) -> Gate:
         return self.gates.setdefault(step, Gate())
@@ -136,7 +139,7 @@ class StandIns:
             reply = s.plans.pop(0)
             if isinstance(reply, Exception):
                 raise reply
-            return PlanOutput(plan=reply, usage=Usage(cost_usd=0.01))
+            return PlanOutput(plan=reply, usage=Usage(cost_usd=s.plan_cost))
 
         @activity.defn(name=ActivityName.EXECUTE_STEP.value)
         async def execute_step(input: ExecuteInput) -> ExecuteOutput:
@@ -206,6 +209,9 @@ class StandIns:
 
         @activity.defn(name=ActivityName.RECORD_EVENTS.value)
         async def record_events(input: RecordInput) -> RecordOutput:
+            while s.hold_directive_records and input.events[0].source == input.events[0].directive_id:
+                activity.heartbeat("held")
+                await asyncio.sleep(0.05)
             s.events.extend(input.events)
             return RecordOutput(written=len(input.events))
 

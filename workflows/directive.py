@@ -25,6 +25,7 @@ from temporalio.exceptions import (
     ApplicationError,
     CancelledError,
     ChildWorkflowError,
+    TerminatedError,
     WorkflowAlreadyStartedError,
 )
 
@@ -70,7 +71,12 @@ with workflow.unsafe.imports_passed_through():
         StopRequest,
         UpdateAnswer,
     )
-    from makima.policy import replan_refusal, seconds_until_wall_time, tripped_breaker
+    from makima.policy import (
+        budget_lowering,
+        replan_refusal,
+        seconds_until_wall_time,
+        tripped_breaker,
+    )
     from workflows.event_log import EventLog
     from workflows.step import PROGRESS_SIGNAL, StepWorkflow
 
@@ -81,6 +87,12 @@ OWNER_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaOwner")
 GENERATION_ATTRIBUTE = SearchAttributeKey.for_int("MakimaGeneration")
 
 REEVALUABLE = (StepStatus.BLOCKED, StepStatus.FAILED, StepStatus.AWAITING_APPROVAL)
+
+#: Every change of this issue that running directives would replay differently
+#: (the carry built last, stop reaching starting children, a step cancelled from
+#: outside ending the generation). Decided once per run, in `__init__`: a run that
+#: started on older code keeps the older behaviour until it continues as new.
+COMMANDS_HOLD_PATCH = "directive-commands-hold"
 
 
 def _cause(err: BaseException) -> str:
@@ -101,7 +113,10 @@ class _Phase:
 # does not decode are rejected with that message too.
 @workflow.defn(name="DirectiveWorkflow", failure_exception_types=[ValidationError])
 class DirectiveWorkflow:
-    def __init__(self) -> None:
+    @workflow.init
+    def __init__(self, spec: DirectiveSpec) -> None:
+        # Everything a handler reads is set here, from the input: a signal or update
+        # may arrive before run() (signal-with-start, or while no worker runs).
         self._phase = _Phase.PLANNING
         self._final: DirectiveStatus | None = None
         self._reason = ""
@@ -111,6 +126,7 @@ class DirectiveWorkflow:
         self._progress_seq: dict[str, int] = {}
         self._run_cost: dict[str, float] = {}  # per step: spend reported by its current run
         self._reevaluations: dict[str, int] = {}
+        self._decided: set[str] = set()  # decided, not yet reported back by the child
         self._pending: dict[str, PendingApproval] = {}
         self._user_paused = False
         self._breaker: str | None = None
@@ -121,12 +137,23 @@ class DirectiveWorkflow:
         self._launching = 0
         self._last_status: DirectiveStatus | None = None
         self._last_visible = ""
+        self._cancelling = False
+        self._commands_hold = workflow.patched(COMMANDS_HOLD_PATCH)
+        # a carry is only taken from the run this one continues; a start from outside
+        # (the `temporal` CLI, any client) must not skip preparing and plan checks
+        self._refusal = ""
+        if spec.carry is not None and workflow.info().continued_run_id is None:
+            self._refusal = ("the directive's input holds a 'carry', which only makima sets "
+                             "when a directive continues as new; start it without one")
+            spec = spec.model_copy(update={"carry": None})
+        self._restore(spec)
 
     # ================================================================== run
 
     @workflow.run
     async def run(self, spec: DirectiveSpec) -> DirectiveSnapshot:
-        self._restore(spec)
+        if self._refusal:
+            raise ApplicationError(self._refusal, type="InvalidSpec", non_retryable=True)
         try:
             if spec.carry is None:
                 self._event(EventType.DIRECTIVE_STARTED, spec.title, data={
@@ -134,6 +161,11 @@ class DirectiveWorkflow:
                     "title": spec.title, "owner": spec.owner,
                     "integration_branch": self._branch,
                 })
+            if self._stop_reason is not None and self._commands_hold:
+                # stopped before it began (signal-with-start), or while the last run ended
+                self._end(DirectiveStatus.STOPPED, self._stop_reason)
+                return await self._finish()
+            if spec.carry is None:
                 # a supplied plan is checked before anything is written to the repository
                 if workflow.patched("validate-supplied-plan-first") and not self._plan_ok():
                     return await self._finish()
@@ -149,15 +181,20 @@ class DirectiveWorkflow:
                 self._install(plan)
             self._phase = _Phase.RUNNING
             self._publish()
-            await self._run_steps()
-            if self._final is not None:
-                return await self._finish()
+            while True:
+                await self._run_steps()
+                if self._final is not None:
+                    return await self._finish()
+                # the carry is built from the state as it is once nothing is in flight;
+                # whatever arrived meanwhile is looked at again first
+                if await self._settled():
+                    break
             if self._checkpoint:
                 return await self._continue(self._spec, self._carry(
                     generation=self._generation, current_plan=self._plan_model,
                     current_steps=list(self._steps.values()), previous_steps=self._previous,
                     previous_plan=self._previous_plan, replan_reason=self._replan_reason,
-                    reevaluations=self._reevaluations))
+                    reevaluations=self._reevaluations, goal_update=self._goal_update))
             return await self._next_generation()
         except asyncio.CancelledError:
             # cancelled from outside (e.g. `temporal workflow cancel`): same as stop
@@ -184,6 +221,8 @@ class DirectiveWorkflow:
         self._user_plan = carry.user_plan if spec.carry else spec.plan
         self._breaker = carry.breaker
         self._user_paused = carry.paused
+        self._stop_reason = carry.stop_reason
+        self._goal_update = carry.goal_update
         self._branch = carry.integration_branch or integration_branch(self._id)
         self._log = EventLog(self._id, self._id, carry.event_seq)
         if carry.current_plan is not None:
@@ -340,8 +379,11 @@ class DirectiveWorkflow:
         return {name: s.status for name, s in self._steps.items()}
 
     def _ending_reason(self) -> str:
+        ending = (StepStatus.FAILED, StepStatus.BLOCKED)
+        if self._commands_hold:
+            ending += (StepStatus.CANCELLED,)
         for state in self._steps.values():
-            if state.status in (StepStatus.FAILED, StepStatus.BLOCKED):
+            if state.status in ending:
                 return f"step {state.name!r} {state.status.value}: {state.reason}"
         if self._goal_update is not None:
             return "the goal changed"
@@ -389,14 +431,25 @@ class DirectiveWorkflow:
             finally:
                 self._launching -= 1
             self._children[name] = handle
-            if self._paused != step_input.paused:  # changed while the child was starting
+            if self._cancelling and self._commands_hold:
+                # the stop was accepted while this child was being started
+                await self._cancel_child(handle.id)
+            elif self._paused != step_input.paused:  # changed while the child was starting
                 await handle.signal("set_paused", PauseState(paused=self._paused))
             self._on_result(await handle)
         except WorkflowAlreadyStartedError:  # ids are unique per run; say so if not
             self._failed_steps += 1
             self._set_step(name, status=StepStatus.FAILED, reason=f"workflow {wf_id} already exists")
         except ChildWorkflowError as err:
-            if isinstance(err.cause, CancelledError):
+            ended_from_outside = isinstance(err.cause, (CancelledError, TerminatedError))
+            if ended_from_outside and self._commands_hold and not self._cancelling:
+                # not our doing (`temporal workflow cancel/terminate` of the step): the
+                # generation ends as after a failed step
+                self._failed_steps += 1
+                what = "cancelled" if isinstance(err.cause, CancelledError) else "terminated"
+                self._set_step(name, status=StepStatus.CANCELLED,
+                               reason=f"its workflow {wf_id} was {what} from outside makima")
+            elif isinstance(err.cause, CancelledError):
                 self._set_step(name, status=StepStatus.CANCELLED, reason="cancelled")
             else:
                 self._failed_steps += 1
@@ -404,6 +457,7 @@ class DirectiveWorkflow:
         finally:
             self._children.pop(name, None)
             self._pending.pop(name, None)
+            self._decided.discard(name)
             self._changed = True
 
     def _on_result(self, result: StepResult) -> None:
@@ -419,7 +473,7 @@ class DirectiveWorkflow:
             summary=result.summary, reason=result.reason, branch=result.branch,
             commit=result.commit, cost_usd=round(state.cost_usd + extra, 6))
 
-    @workflow.signal(name=PROGRESS_SIGNAL)
+    @workflow.signal(name=PROGRESS_SIGNAL, description="From a step child: status and spend.")
     def step_progress(self, progress: StepProgress) -> None:
         """From a running StepWorkflow: its status changed or it spent money."""
         state = self._steps.get(progress.name)
@@ -443,9 +497,11 @@ class DirectiveWorkflow:
             changes["rework_count"] = state.rework_count + 1
         self._set_step(progress.name, **changes)
         if progress.status is StepStatus.AWAITING_APPROVAL:
+            self._decided.discard(progress.name)
             self._pending[progress.name] = PendingApproval(
                 step=progress.name, attempt=progress.attempt, score=progress.score or 0.0,
-                summary=progress.summary, requested_at=progress.at)
+                summary=progress.summary, requested_at=progress.at,
+                generation=self._generation, branch=progress.branch, commit=progress.commit)
             self._event(EventType.APPROVAL_REQUESTED, f"{progress.name} waits for a decision",
                         step=progress.name, attempt=progress.attempt,
                         data={"score": progress.score, "summary": progress.summary})
@@ -502,7 +558,7 @@ class DirectiveWorkflow:
             reason = f"the goal changed: {update.goal}"
             replans = self._replans  # a person's change of goal is not a failure
         return await self._continue(spec, self._carry(
-            generation=self._generation + 1, replans=replans,
+            generation=self._generation + 1, replans=replans, goal_update=None,
             previous_steps=list(self._steps.values()), previous_plan=self._plan_model,
             replan_reason=reason[: c.MAX_TEXT_IN_HISTORY], user_plan=user_plan))
 
@@ -513,13 +569,28 @@ class DirectiveWorkflow:
             "cost_usd": self._cost, "replans": self._replans,
             "failed_steps": self._failed_steps, "event_seq": self._log.seq,
             "breaker": self._breaker, "paused": self._user_paused,
-            "integration_branch": self._branch,
+            "integration_branch": self._branch, "stop_reason": self._stop_reason,
+            "goal_update": self._goal_update,
         }
         return DirectiveCarry(**(base | fields))
 
-    async def _continue(self, spec: DirectiveSpec, carry: DirectiveCarry) -> DirectiveSnapshot:
-        await workflow.wait_condition(workflow.all_handlers_finished)
+    async def _settled(self) -> bool:
+        """Wait until nothing is in flight (handlers, the event drain, children being
+        started); True when nothing changed meanwhile, so a carry built now holds it all."""
+        if not self._commands_hold:
+            return True  # a run begun on older code waits in _continue, as it did
+        self._changed = False
+        await workflow.wait_condition(
+            lambda: workflow.all_handlers_finished() and not self._launching)
         await self._log.drain()
+        return (not self._changed and self._log.idle and workflow.all_handlers_finished()
+                and not self._children and not self._launching)
+
+    async def _continue(self, spec: DirectiveSpec, carry: DirectiveCarry) -> DirectiveSnapshot:
+        if not self._commands_hold:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            await self._log.drain()
+        # no await between _settled() and here: no handler can change what the carry holds
         workflow.continue_as_new(spec.model_copy(update={"carry": carry}))
 
     async def _finish(self) -> DirectiveSnapshot:
@@ -532,14 +603,20 @@ class DirectiveWorkflow:
         return snapshot
 
     async def _cancel_children(self) -> None:
-        """Cancel every running step and wait until each has ended (a cancelled
-        child cancels its running activity and removes its worktree first)."""
+        """Cancel every step that runs or is being started, and wait until each has
+        ended (a cancelled child cancels its running activity and removes its
+        worktree first). A child still starting is cancelled once it has started."""
+        self._cancelling = True
         for handle in list(self._children.values()):
-            try:
-                await workflow.get_external_workflow_handle(handle.id).cancel()
-            except Exception as err:  # it finished meanwhile
-                workflow.logger.info("cancel of %s: %s", handle.id, err)
+            await self._cancel_child(handle.id)
         await workflow.wait_condition(lambda: not self._children and not self._launching)
+
+    @staticmethod
+    async def _cancel_child(workflow_id: str) -> None:
+        try:
+            await workflow.get_external_workflow_handle(workflow_id).cancel()
+        except Exception as err:  # it finished meanwhile
+            workflow.logger.info("cancel of %s: %s", workflow_id, err)
 
     # ================================================================== state changes
 
@@ -642,6 +719,8 @@ class DirectiveWorkflow:
         ]
         if self._pending:
             lines.append("Waiting for approval: " + ", ".join(self._pending))
+        if self._goal_update is not None and not status.is_final:
+            lines.append(f"Goal change pending: planned {self._goal_waits_for()}")
         if self._breaker:
             lines.append(f"Paused: {self._breaker}")
         if self._reason:
@@ -650,7 +729,7 @@ class DirectiveWorkflow:
 
     # ================================================================== query
 
-    @workflow.query(name="status")
+    @workflow.query(name="status", description="The directive as it is now: steps, approvals, spend.")
     def status(self) -> DirectiveSnapshot:
         return DirectiveSnapshot(
             directive_id=self._id,
@@ -668,6 +747,8 @@ class DirectiveWorkflow:
             integration_branch=self._branch,
             owner=self._spec.owner,
             recent_events=list(self._log.recent),
+            pending_goal=self._goal_update.goal[:2000] if self._goal_update else None,
+            pending_goal_waits_for=self._goal_waits_for(),
         )
 
     # ================================================================== approvals
@@ -681,6 +762,15 @@ class DirectiveWorkflow:
         if decision.step not in self._pending:
             return (f"step {decision.step!r} is {state.status.value}; nothing is pending "
                     "approval for it")
+        pending = self._pending[decision.step]
+        if decision.generation is not None and decision.generation != self._generation:
+            return (f"the decision names generation {decision.generation}, but step "
+                    f"{decision.step!r} waits in generation {self._generation}, attempt "
+                    f"{pending.attempt}; look at that attempt and decide again")
+        if decision.attempt is not None and decision.attempt != pending.attempt:
+            return (f"the decision names attempt {decision.attempt} of step {decision.step!r}, "
+                    f"but attempt {pending.attempt} is the one waiting; look at it and "
+                    "decide again")
         approvers = self._spec.approvers
         if approvers is not None and decision.by not in approvers:
             return (f"{decision.by!r} is not an approver of this directive "
@@ -695,6 +785,7 @@ class DirectiveWorkflow:
         # checked again here: two decisions may pass validation in one workflow task
         self._reject_if(self._approval_problem(decision))
         pending = self._pending.pop(decision.step)
+        self._decided.add(decision.step)
         self._event(EventType.APPROVAL_DECIDED,
                     f"{decision.step} {'approved' if approved else 'denied'} by {decision.by}",
                     step=decision.step, attempt=pending.attempt, actor=decision.by,
@@ -705,7 +796,7 @@ class DirectiveWorkflow:
             await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
                                                        comment=decision.comment))
 
-    @workflow.signal(name="approve")
+    @workflow.signal(name="approve", description="Approve a step that waits (ApprovalDecision).")
     async def approve(self, decision: ApprovalDecision) -> None:
         problem = self._approval_problem(decision)
         if problem:
@@ -716,7 +807,7 @@ class DirectiveWorkflow:
         except ApplicationError as err:
             workflow.logger.warning("approve signal ignored: %s", err)
 
-    @workflow.signal(name="deny")
+    @workflow.signal(name="deny", description="Deny a step that waits: it is blocked.")
     async def deny(self, decision: ApprovalDecision) -> None:
         problem = self._approval_problem(decision)
         if problem:
@@ -727,7 +818,7 @@ class DirectiveWorkflow:
         except ApplicationError as err:
             workflow.logger.warning("deny signal ignored: %s", err)
 
-    @workflow.update(name="approve_step")
+    @workflow.update(name="approve_step", description="Approve a waiting step; says if refused.")
     async def approve_step(self, decision: ApprovalDecision) -> UpdateAnswer:
         await self._decide(decision, True)
         return UpdateAnswer(message=f"step {decision.step!r} approved by {decision.by}")
@@ -736,7 +827,7 @@ class DirectiveWorkflow:
     def _validate_approve(self, decision: ApprovalDecision) -> None:
         self._reject_if(self._approval_problem(decision))
 
-    @workflow.update(name="deny_step")
+    @workflow.update(name="deny_step", description="Deny a waiting step; says if refused.")
     async def deny_step(self, decision: ApprovalDecision) -> UpdateAnswer:
         await self._decide(decision, False)
         return UpdateAnswer(message=f"step {decision.step!r} denied by {decision.by}")
@@ -784,7 +875,7 @@ class DirectiveWorkflow:
         self._publish()
         self._relay_pause()
 
-    @workflow.signal(name="pause")
+    @workflow.signal(name="pause", description="No new step or attempt starts until resumed.")
     def pause(self, request: Empty | None = None) -> None:
         problem = self._pause_problem()
         if problem:
@@ -792,7 +883,7 @@ class DirectiveWorkflow:
             return
         self._do_pause()
 
-    @workflow.signal(name="resume")
+    @workflow.signal(name="resume", description="Continue a paused directive.")
     def resume(self, request: Empty | None = None) -> None:
         problem = self._resume_problem()
         if problem:
@@ -800,7 +891,7 @@ class DirectiveWorkflow:
             return
         self._do_resume()
 
-    @workflow.update(name="pause_directive")
+    @workflow.update(name="pause_directive", description="Pause; says if refused.")
     def pause_directive(self, request: Empty | None = None) -> UpdateAnswer:
         self._do_pause()
         return UpdateAnswer(message="paused: no new step or attempt starts until resumed")
@@ -809,7 +900,7 @@ class DirectiveWorkflow:
     def _validate_pause(self, request: Empty | None = None) -> None:
         self._reject_if(self._pause_problem())
 
-    @workflow.update(name="resume_directive")
+    @workflow.update(name="resume_directive", description="Resume; says if refused.")
     def resume_directive(self, request: Empty | None = None) -> UpdateAnswer:
         self._do_resume()
         return UpdateAnswer(message="resumed")
@@ -825,14 +916,16 @@ class DirectiveWorkflow:
             return "the directive is already stopping"
         return None
 
-    @workflow.signal(name="stop")
+    @workflow.signal(name="stop", description="Cancel running steps and end stopped.")
     def stop(self, request: StopRequest | None = None) -> None:
-        if self._stop_problem():
+        problem = self._stop_problem()
+        if problem:
+            workflow.logger.warning("stop signal ignored: %s", problem)
             return
         self._stop_reason = (request or StopRequest()).reason
         self._changed = True
 
-    @workflow.update(name="stop_directive")
+    @workflow.update(name="stop_directive", description="Stop; says if refused.")
     def stop_directive(self, request: StopRequest | None = None) -> UpdateAnswer:
         self._stop_reason = (request or StopRequest()).reason
         self._changed = True
@@ -864,7 +957,7 @@ class DirectiveWorkflow:
             "plan_supplied": update.plan is not None})
         self._changed = True
 
-    @workflow.signal(name="update_goal")
+    @workflow.signal(name="update_goal", description="Change the goal: a new generation.")
     def update_goal(self, update: GoalUpdate) -> None:
         problem = self._goal_problem(update)
         if problem:
@@ -872,11 +965,28 @@ class DirectiveWorkflow:
             return
         self._apply_goal(update)
 
-    @workflow.update(name="update_directive_goal")
+    @workflow.update(name="update_directive_goal",
+                     description="Change the goal: the next generation is planned for it.")
     def update_directive_goal(self, update: GoalUpdate) -> UpdateAnswer:
         self._apply_goal(update)
-        return UpdateAnswer(message="goal updated: the next generation is planned once running "
-                                    "steps finish")
+        return UpdateAnswer(message="goal updated: the next generation is planned "
+                                    + self._goal_waits_for())
+
+    def _goal_waits_for(self) -> str:
+        """When a goal change turns into a plan: what it still waits for."""
+        if self._goal_update is None:
+            return ""
+        running = [n for n, s in self._steps.items()
+                   if s.status.is_active and n not in self._pending]
+        waits = []
+        if running:
+            waits.append(f"running steps finish ({', '.join(running)})")
+        if self._pending:
+            waits.append("a person decides on " + ", ".join(
+                f"step {n!r} (attempt {p.attempt})" for n, p in self._pending.items()))
+        if self._paused:
+            waits.append("the directive is resumed")
+        return "once " + " and ".join(waits) if waits else "now"
 
     @update_directive_goal.validator
     def _validate_goal(self, update: GoalUpdate) -> None:
@@ -887,7 +997,7 @@ class DirectiveWorkflow:
             return f"the directive is {self._final.value}"
         if not request.model_dump(exclude_none=True):
             return "name at least one budget to raise"
-        return None
+        return budget_lowering(self._spec.budgets, request)
 
     def _apply_budget(self, request: BudgetRaise) -> None:
         budgets = request.applied_to(self._spec.budgets)
@@ -901,7 +1011,7 @@ class DirectiveWorkflow:
         self._publish()
         self._changed = True
 
-    @workflow.signal(name="raise_budget")
+    @workflow.signal(name="raise_budget", description="Raise budgets (never lowers).")
     def raise_budget(self, request: BudgetRaise) -> None:
         problem = self._budget_problem(request)
         if problem:
@@ -909,7 +1019,7 @@ class DirectiveWorkflow:
             return
         self._apply_budget(request)
 
-    @workflow.update(name="raise_directive_budget")
+    @workflow.update(name="raise_directive_budget", description="Raise budgets; says if refused.")
     def raise_directive_budget(self, request: BudgetRaise) -> UpdateAnswer:
         self._apply_budget(request)
         return UpdateAnswer(message="budgets raised" + (
@@ -924,15 +1034,20 @@ class DirectiveWorkflow:
     def _reevaluate_problem(self, ref: StepRef) -> str | None:
         if self._final is not None:
             return f"the directive is {self._final.value}"
+        if self._stop_reason is not None:
+            return "the directive is stopping"
         state = self._steps.get(ref.step)
         if state is None:
             return self._unknown_step(ref.step)
+        if ref.step in self._decided:
+            return (f"step {ref.step!r} was already approved or denied; that decision stands "
+                    "and the step is no longer re-evaluated")
         if state.status not in REEVALUABLE:
             return (f"step {ref.step!r} is {state.status.value}; only blocked, failed or "
                     "awaiting_approval steps can be re-evaluated")
         return None
 
-    @workflow.update(name="reevaluate_step")
+    @workflow.update(name="reevaluate_step", description="Evaluate a step's branch again.")
     async def reevaluate_step(self, ref: StepRef) -> UpdateAnswer:
         self._reject_if(self._reevaluate_problem(ref))
         state = self._steps[ref.step]

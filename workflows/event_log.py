@@ -62,6 +62,11 @@ class EventLog:
             EventSummary(seq=event.seq, at=event.at, type=type.value, step=step, message=message)
         )
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and nothing being written."""
+        return not self._buffer and all(f.done() for f in self._in_flight)
+
     def flush(self) -> None:
         """Send what is buffered, without waiting for it to be written."""
         self._in_flight = [f for f in self._in_flight if not f.done()]

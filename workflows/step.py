@@ -89,18 +89,27 @@ class StepWorkflow:
 
     # ------------------------------------------------------------------ messages from the parent
 
-    @workflow.signal(name="set_paused")
+    @workflow.signal(name="set_paused", description="The directive paused or resumed.")
     def set_paused(self, state: PauseState) -> None:
         self._paused = state.paused
 
-    @workflow.signal(name="decide")
+    # A decision and a re-evaluation exclude each other: the first to arrive holds
+    # (the audit log must not say "approved" for a step that was evaluated again).
+
+    @workflow.signal(name="decide", description="A person's decision, relayed by the directive.")
     def decide(self, decision: StepDecision) -> None:
         if self._status is StepStatus.AWAITING_APPROVAL and self._decision is None:
+            if self._reevaluate_requested and workflow.patched("step-first-message-holds"):
+                workflow.logger.warning("decision ignored: a re-evaluation was asked first")
+                return
             self._decision = decision
 
-    @workflow.signal(name="reevaluate")
+    @workflow.signal(name="reevaluate", description="Evaluate the waiting attempt again.")
     def reevaluate(self) -> None:
         if self._status is StepStatus.AWAITING_APPROVAL:
+            if self._decision is not None and workflow.patched("step-first-message-holds"):
+                workflow.logger.warning("re-evaluation ignored: a decision was made first")
+                return
             self._reevaluate_requested = True
 
     @workflow.query(name="status")
@@ -185,7 +194,7 @@ class StepWorkflow:
             decision = decide(confidence, spec.autonomy, self._rework_count,
                               spec.budgets.max_rework_cycles)
             if decision is Decision.AWAIT_APPROVAL:
-                self._report(StepStatus.AWAITING_APPROVAL, evaluation)
+                self._report(StepStatus.AWAITING_APPROVAL, evaluation, execution)
                 self._decision = None
                 self._reevaluate_requested = False
                 self._log.flush()
@@ -331,7 +340,8 @@ class StepWorkflow:
                       step=self._input.step.name, attempt=self._attempt or None, data=data,
                       severity=severity)
 
-    def _report(self, status: StepStatus, evaluation: Evaluation | None = None) -> None:
+    def _report(self, status: StepStatus, evaluation: Evaluation | None = None,
+                execution: ExecuteOutput | None = None) -> None:
         """Tell the parent directive, without waiting (the signal is awaited before return)."""
         self._status = status
         parent = workflow.info().parent
@@ -351,6 +361,8 @@ class StepWorkflow:
             usage=spent,
             seq=self._progress_seq,
             at=workflow.now(),
+            branch=execution.branch if execution else None,
+            commit=execution.commit if execution else None,
         )
         handle = workflow.get_external_workflow_handle(parent.workflow_id)
         self._signals.append(asyncio.ensure_future(handle.signal(PROGRESS_SIGNAL, progress)))

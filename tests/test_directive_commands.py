@@ -1,0 +1,271 @@
+"""Every accepted command holds (issue 10): a person's command that arrives at an
+awkward moment (before the first workflow task, while a generation ends, while a
+child is being started, against a stale attempt) is applied exactly once, or
+refused with a message that says why. Real time-skipping server, stand-in
+activities whose timing the test controls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+
+from makima.contracts import ActivityName, EventType
+from makima.models import (
+    ApprovalDecision,
+    BudgetRaise,
+    DirectiveCarry,
+    DirectiveStatus,
+    GoalUpdate,
+    StepRef,
+    StopRequest,
+)
+from tests.standins import (
+    StandIns,
+    plan_of,
+    save_history,
+    spec_of,
+    start,
+    status,
+    step_status,
+    wait_until,
+)
+from worker import build_worker
+from workflows.directive import DirectiveWorkflow
+
+EXECUTE = ActivityName.EXECUTE_STEP
+PLAN = ActivityName.PLAN_DIRECTIVE
+MERGE = ActivityName.MERGE_STEP
+
+
+def new_id() -> str:
+    return f"directive-test-{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_pause_sent_with_the_start_is_in_force_from_the_first_moment(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns()
+    spec = spec_of(("a", []), ("b", ["a"]))
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await client.start_workflow(
+            DirectiveWorkflow.run, spec, id=new_id(), task_queue=task_queue,
+            start_signal="pause", execution_timeout=timedelta(hours=1))
+        paused = await wait_until(handle, lambda s: s.status is DirectiveStatus.PAUSED)
+        await asyncio.sleep(0.5)
+        assert stand.called(EXECUTE) == [], "no step starts while the pause is in force"
+        await handle.signal(DirectiveWorkflow.resume)
+        result = await handle.result()
+        await save_history(handle, client, "signal-with-start")
+    assert paused.status is DirectiveStatus.PAUSED
+    assert result.status is DirectiveStatus.COMPLETED
+    assert stand.order(EXECUTE) == ["a", "b"]
+
+
+async def test_a_stop_sent_with_the_start_ends_it_stopped_before_anything_runs(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns()
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await client.start_workflow(
+            DirectiveWorkflow.run, spec_of(("a", [])), id=new_id(), task_queue=task_queue,
+            start_signal="stop", start_signal_args=[StopRequest(reason="not today")])
+        result = await handle.result()
+    assert (result.status, result.reason) == (DirectiveStatus.STOPPED, "not today")
+    assert stand.called(EXECUTE) == [] and stand.called(ActivityName.PREPARE_REPOSITORY) == []
+
+
+async def test_a_carry_handed_in_from_outside_is_refused_with_a_message(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns()
+    carry = DirectiveCarry(generation=3, started_at="2026-01-01T00:00:00Z",
+                           integration_branch="main")
+    spec = spec_of(("a", [])).model_copy(update={"carry": carry})
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert "holds a 'carry'" in str(failure.value.cause)
+    assert stand.called(EXECUTE) == [] and stand.called(MERGE) == []
+
+
+async def test_a_stop_accepted_while_a_generation_ends_is_not_lost(
+        client: Client, task_queue: str) -> None:
+    # x is blocked, so generation 1 ends and the directive drains its events before
+    # continuing as new; the stop arrives while that drain is held
+    stand = StandIns(scores={"x": [0.1]})
+    stand.plans = [plan_of(("x", [])), plan_of(("y", []))]
+    gate = stand.gate("x")
+    spec = spec_of(budgets={"max_rework_cycles": 0})
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        stand.hold_directive_records = True
+        gate.opened.set()
+        await wait_until(handle, lambda s: step_status(s, "x") == "blocked")
+        await asyncio.sleep(0.5)
+        answer = await handle.execute_update(DirectiveWorkflow.stop_directive,
+                                             StopRequest(reason="enough"))
+        assert answer.accepted
+        stand.hold_directive_records = False
+        result = await handle.result()
+        await save_history(handle, client, "stop-at-generation-end")
+    assert (result.status, result.reason) == (DirectiveStatus.STOPPED, "enough")
+    assert len(stand.called(PLAN)) == 1, "no generation is planned after an accepted stop"
+    assert stand.called(EXECUTE, "y") == []
+
+
+async def test_budget_and_goal_changes_accepted_while_a_generation_ends_are_kept(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns(scores={"x": [0.1]})
+    stand.plans = [plan_of(("x", [])), plan_of(("y", []))]
+    gate = stand.gate("x")
+    spec = spec_of(budgets={"max_rework_cycles": 0, "max_cost_usd": 5.0})
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        stand.hold_directive_records = True
+        gate.opened.set()
+        await wait_until(handle, lambda s: step_status(s, "x") == "blocked")
+        await asyncio.sleep(0.5)
+        await handle.execute_update(DirectiveWorkflow.raise_directive_budget,
+                                    BudgetRaise(max_cost_usd=9.0))
+        await handle.execute_update(DirectiveWorkflow.pause_directive)
+        stand.hold_directive_records = False
+        paused = await wait_until(handle, lambda s: s.status is DirectiveStatus.PAUSED)
+        await asyncio.sleep(0.5)
+        assert stand.called(EXECUTE, "y") == [], "the pause holds across the generations"
+        await handle.signal(DirectiveWorkflow.resume)
+        result = await handle.result()
+    assert paused.budgets.max_cost_usd == 9.0
+    assert result.status is DirectiveStatus.COMPLETED and result.generation == 2
+    assert result.budgets.max_cost_usd == 9.0
+
+
+async def test_a_step_cancelled_from_outside_ends_the_generation_like_a_failed_step(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns()
+    stand.plans = [plan_of(("a", [])), plan_of(("a2", []))]
+    gate = stand.gate("a")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of())
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        child = next(s.workflow_id for s in (await status(handle)).steps if s.name == "a")
+        await client.get_workflow_handle(child).cancel()
+        result = await asyncio.wait_for(handle.result(), 30)
+        await save_history(handle, client, "step-cancelled-outside")
+    assert result.status is DirectiveStatus.COMPLETED and result.generation == 2
+    replan = stand.called(PLAN)[1]
+    assert "'a' cancelled" in replan.reason and "cancelled from outside" in replan.reason
+
+
+async def test_a_step_cancelled_from_outside_fails_a_directive_that_cannot_replan(
+        client: Client, task_queue: str) -> None:
+    # (terminate is handled the same way; the time-skipping server does not tell a
+    # parent that its child was terminated, so only cancel is exercised here)
+    stand = StandIns()
+    gate = stand.gate("a")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(("a", []), ("b", ["a"])))
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        child = next(s.workflow_id for s in (await status(handle)).steps if s.name == "a")
+        await client.get_workflow_handle(child).cancel()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await asyncio.wait_for(handle.result(), 30)
+        final = await status(handle)
+    assert "'a' cancelled" in str(failure.value.cause)
+    assert "cancelled from outside" in str(failure.value.cause)
+    assert (step_status(final, "a"), step_status(final, "b")) == ("cancelled", "skipped")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.03])
+async def test_a_stop_reaches_a_step_that_is_being_started(
+        client: Client, task_queue: str, delay: float) -> None:
+    stand = StandIns()
+    stand.gate("a")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(("a", []), ("b", ["a"])))
+        await handle.execute_update(DirectiveWorkflow.pause_directive)
+        await handle.signal(DirectiveWorkflow.resume)  # launches a
+        await asyncio.sleep(delay)
+        await handle.signal(DirectiveWorkflow.stop, StopRequest(reason="halt"))
+        # a's agent waits at a gate that never opens: only a cancel ends it
+        result = await asyncio.wait_for(handle.result(), 30)
+    assert (result.status, result.reason) == (DirectiveStatus.STOPPED, "halt")
+    assert stand.called(MERGE) == []
+    assert step_status(result, "a") in ("cancelled", "pending")
+
+
+async def test_a_decision_names_the_attempt_it_is_about(client: Client, task_queue: str) -> None:
+    stand = StandIns(scores={"a": [0.6]})
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(("a", [])))
+        waiting = await wait_until(handle, lambda s: bool(s.pending_approvals))
+        (pending,) = waiting.pending_approvals
+        assert (pending.attempt, pending.generation) == (1, 1)
+        assert pending.branch and pending.branch.endswith("--steps/a") and pending.commit
+        with pytest.raises(WorkflowUpdateFailedError) as stale:
+            await handle.execute_update(DirectiveWorkflow.approve_step,
+                                        ApprovalDecision(step="a", attempt=2))
+        assert "names attempt 2" in str(stale.value.cause)
+        assert "attempt 1 is the one waiting" in str(stale.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as old_generation:
+            await handle.execute_update(DirectiveWorkflow.approve_step,
+                                        ApprovalDecision(step="a", attempt=1, generation=2))
+        assert "generation 2" in str(old_generation.value.cause)
+        await handle.execute_update(DirectiveWorkflow.approve_step,
+                                    ApprovalDecision(step="a", attempt=1, generation=1, by="al"))
+        with pytest.raises(WorkflowUpdateFailedError) as after:
+            await handle.execute_update(DirectiveWorkflow.reevaluate_step, StepRef(step="a"))
+        result = await handle.result()
+    refused = str(after.value.cause)
+    assert "already approved or denied" in refused or "is passed" in refused
+    assert result.status is DirectiveStatus.COMPLETED
+    assert stand.called(ActivityName.CHECKOUT_STEP) == [], "approved, so never re-evaluated"
+    decided = [e for e in stand.events if e.type is EventType.APPROVAL_DECIDED]
+    assert [(e.attempt, e.data["approved"]) for e in decided] == [(1, True)]
+
+
+async def test_raise_budget_refuses_lowering_and_names_the_current_value(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns()
+    gate = stand.gate("a")
+    spec = spec_of(("a", []), budgets={"max_wall_time_minutes": 1.0})
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        with pytest.raises(WorkflowUpdateFailedError) as lowered:
+            await handle.execute_update(DirectiveWorkflow.raise_directive_budget,
+                                        BudgetRaise(max_wall_time_minutes=0.2))
+        with pytest.raises(WorkflowUpdateFailedError) as unlimited:
+            await handle.execute_update(DirectiveWorkflow.raise_directive_budget,
+                                        BudgetRaise(max_cost_usd=3.0))
+        raised = await handle.execute_update(DirectiveWorkflow.raise_directive_budget,
+                                             BudgetRaise(max_wall_time_minutes=90))
+        gate.opened.set()
+        result = await handle.result()
+    assert "max_wall_time_minutes is 1.0 now; 0.2 would lower it" in str(lowered.value.cause)
+    assert "max_cost_usd has no limit now" in str(unlimited.value.cause)
+    assert raised.accepted and result.budgets.max_wall_time_minutes == 90
+
+
+async def test_update_goal_says_it_waits_for_the_approval_and_status_shows_it(
+        client: Client, task_queue: str) -> None:
+    stand = StandIns(scores={"a": [0.6, 0.95]})
+    stand.plans = [plan_of(("a", [])), plan_of(("b", []))]
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of())
+        await wait_until(handle, lambda s: bool(s.pending_approvals))
+        answer = await handle.execute_update(DirectiveWorkflow.update_directive_goal,
+                                             GoalUpdate(goal="a better goal"))
+        shown = await status(handle)
+        await handle.execute_update(DirectiveWorkflow.approve_step, ApprovalDecision(step="a"))
+        result = await handle.result()
+    assert "a person decides on step 'a' (attempt 1)" in answer.message
+    assert "running steps" not in answer.message
+    assert shown.pending_goal == "a better goal"
+    assert "step 'a'" in shown.pending_goal_waits_for
+    assert result.status is DirectiveStatus.COMPLETED and result.pending_goal is None
+    assert stand.called(PLAN)[1].spec.goal == "a better goal"
