@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "Postgres, one worker", cmd.cmd_dev)
     p.add_argument("--port", type=int, default=7233, help="Temporal's gRPC port")
     p.add_argument("--ui-port", type=int, default=8233, help="the web UI's port")
+    p.add_argument("--console-port", type=int, default=8234,
+                   help="the makima console's port (0: no console)")
+
+    p = command("console", "the review desk in a browser: inbox, directives, diffs, decisions "
+                "(reads DATABASE_URL, acts through TEMPORAL_ADDRESS)", cmd.cmd_console)
+    p.add_argument("--host", default="127.0.0.1", help="where to listen; anything but loopback "
+                   "needs MAKIMA_CONSOLE_USERS or MAKIMA_CONSOLE_AUTH_HEADER")
+    p.add_argument("--port", type=int, default=8234)
+
+    p = command("report", "a directive's report in Markdown: each acceptance criterion with "
+                "its evidence, each step's outcome", cmd.cmd_report)
+    p.add_argument("id")
 
     p = command("demo", "run the demo directive on a sample repository", cmd.cmd_demo)
     p.add_argument("--workdir", type=Path, help="where to make the sample repository "

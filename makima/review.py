@@ -37,6 +37,18 @@ def why_waiting(checks: list[CheckResult], criteria: list[CriterionResult],
     return reasons
 
 
+def os_user() -> str:
+    """Who runs this process: the default `by` of a decision from the CLI, and
+    every visitor of a console that has no users (loopback only)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        return f"uid-{os.getuid()}"
+
+
 def _exit(check: CheckResult) -> str:
     return "nothing (timed out or could not start)" if check.exit_code is None \
         else str(check.exit_code)

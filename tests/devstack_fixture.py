@@ -49,6 +49,8 @@ class RunningDev:
     address: str
     ui_url: str
     ready_line: str
+    console_url: str = ""
+    before_ready: list[str] = field(default_factory=list)  # what it printed before `ready`
     pids: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -66,9 +68,10 @@ class RunningDev:
 
 def start_dev(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     """`starter.py dev` on free ports; the process and its first output lines once ready."""
-    port, ui_port = free_port(), free_port()
+    port, ui_port, console_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, str(STARTER), "dev", "--port", str(port), "--ui-port", str(ui_port)],
+        [sys.executable, str(STARTER), "dev", "--port", str(port), "--ui-port", str(ui_port),
+         "--console-port", str(console_port)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     lines: list[str] = []
@@ -145,6 +148,8 @@ def dev_stack() -> Iterator[RunningDev]:
         env = {**env, "TEMPORAL_ADDRESS": fields["temporal"], "MAKIMA_UI_URL": fields["ui"]}
         _SHARED.append(RunningDev(process=process, home=home, address=fields["temporal"],
                                   ui_url=fields["ui"], ready_line=ready,
+                                  console_url=fields.get("console", ""),
+                                  before_ready=lines[:lines.index(ready)],
                                   pids=reported_pids(lines), env=env))
         yield _SHARED[0]
     finally:

@@ -30,7 +30,8 @@ from tests.devstack_fixture import (  # noqa: F401
 
 def test_dev_is_ready_where_it_says(dev_stack: RunningDev) -> None:
     assert re.fullmatch(r"makima dev: ready temporal=127\.0\.0\.1:\d+ ui=http://127\.0\.0\.1:\d+ "
-                        r"database=postgresql://\S+", dev_stack.ready_line)
+                        r"database=postgresql://\S+ console=http://127\.0\.0\.1:\d+",
+                        dev_stack.ready_line)
     with urllib.request.urlopen(dev_stack.ui_url, timeout=10) as page:
         assert page.status == 200
     attributes = dev_stack.temporal("operator", "search-attribute", "list")

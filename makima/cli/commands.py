@@ -350,17 +350,9 @@ async def _steer(args: Any, update: str, payload: BaseModel | None) -> int:
     return EXIT_OK
 
 
-def os_user() -> str:
-    """Who runs this command: the default `--by` of a decision."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
-        return f"uid-{os.getuid()}"
-
-
 def _decision(args: Any) -> ApprovalDecision:
+    from makima.review import os_user
+
     return ApprovalDecision(step=args.step, by=args.by or os_user(), comment=args.comment,
                             attempt=args.attempt)
 
@@ -429,7 +421,27 @@ async def cmd_raise_budget(args: Any) -> int:
 async def cmd_dev(args: Any) -> int:
     from makima.devstack import run_dev
 
-    return await run_dev(args.port, args.ui_port)
+    return await run_dev(args.port, args.ui_port, console_port=args.console_port)
+
+
+async def cmd_console(args: Any) -> int:
+    from makima.console import run_console
+
+    return await run_console(args.host, args.port)
+
+
+async def cmd_report(args: Any) -> int:
+    from makima.report import directive_report
+    from makima.store import InvalidFilter, NotFound
+
+    async def work(pool: Any) -> int:
+        try:
+            print(await directive_report(pool, args.id), end="")
+        except (NotFound, InvalidFilter) as error:
+            raise CommandError(EXIT_BAD_INPUT, str(error)) from None
+        return EXIT_OK
+
+    return await _with_pool(work)
 
 
 async def cmd_demo(args: Any) -> int:

