@@ -5,7 +5,8 @@ command its Bash tool runs) and every check.
 Inside the sandbox a process sees:
 
 - the attempt's worktree, read-write, at its own path (its `.git` pointer file
-  read-only, so it cannot point makima's own git at a repository it made);
+  and its admin folder's `commondir` and `gitdir` read-only, so it cannot point
+  makima's own git, which runs outside, at a repository or config it made);
 - the git data the worktree needs: the attempt's own admin folder and the
   object store read-write, everything else of the repository (refs, config,
   hooks, and a `path` repository's checkout) read-only, so an agent's commits
@@ -52,6 +53,10 @@ INSTALL_HINT = ("install bubblewrap on the worker (Debian/Ubuntu: `apt-get insta
                 "Fedora: `dnf install bubblewrap`), or set MAKIMA_SANDBOX=off to run agent "
                 "commands and checks unconfined (not recommended)")
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+#: Under /etc, what only root may read: hidden, because the agent's uid maps to the
+#: worker's outside the sandbox (a root worker's agent could read them otherwise).
+_MASKED = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+           "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private")
 
 
 class SandboxUnavailable(MakimaError):
@@ -128,6 +133,11 @@ def bwrap_command(argv: list[str], confinement: Confinement, *,
         resolved = root.resolve()
         mounts.append((root, ["--ro-bind", str(resolved), str(root)]))
     mounts.append((Path("/tmp"), ["--tmpfs", "/tmp"]))
+    for masked in map(Path, _MASKED):
+        if masked.is_dir():
+            mounts.append((masked, ["--tmpfs", str(masked)]))
+        elif masked.exists():
+            mounts.append((masked, ["--ro-bind", "/dev/null", str(masked)]))
     # Whatever of makima's own folder and the worker's home a bind above reaches
     # is covered again: the sandbox sees neither.
     private = [(home or Path(os.environ.get("MAKIMA_HOME") or ".makima")).expanduser().resolve(),
@@ -142,6 +152,12 @@ def bwrap_command(argv: list[str], confinement: Confinement, *,
         mounts.append((objects, ["--bind", str(objects), str(objects)]))
     if admin is not None:
         mounts.append((admin, ["--bind", str(admin), str(admin)]))
+        # Where git finds the repository and the worktree: an agent that could
+        # rewrite these would point makima's own git (run outside the sandbox) at a
+        # config of its making (core.fsmonitor runs commands).
+        for name in ("commondir", "gitdir"):
+            if (admin / name).is_file():
+                mounts.append((admin / name, ["--ro-bind", str(admin / name), str(admin / name)]))
     mounts.append((worktree, ["--bind", str(worktree), str(worktree)]))
     if (worktree / ".git").is_file():
         pointer = worktree / ".git"

@@ -106,9 +106,13 @@ class Target:
             "absolute-read": f"grep -qs {marker} {self.outside}",
             "other-worktree": f"cat {self.other_worktree}/notes.txt",
             "makima-home": f"cat {self.home}/dev.log",
+            "etc-shadow": "grep -q : /etc/shadow",
             "write-repo": f"touch {self.repo}/escaped.txt",
             "move-branch": "git update-ref refs/heads/evil HEAD",
             "new-branch": "git branch evil2",
+            "redirect-git": 'echo "$PWD" > "$(git rev-parse --git-dir)/commondir"',
+            "replace-git-pointer": "echo 'gitdir: /tmp' > .git",
+            "repo-config": "git config core.fsmonitor 'touch /tmp/pwned'",
             "loopback-tcp": f"exec 3<>/dev/tcp/127.0.0.1/{self.port}",
         }
         lines = ["P=$PPID",
@@ -126,8 +130,10 @@ class Target:
     def assert_contained(self, output: str) -> None:
         assert "ESCAPED" not in output, output
         for name in ("proc-1-environ", "ppid-environ", "any-environ", "own-env", "dotdot",
-                     "absolute-read", "other-worktree", "makima-home", "write-repo",
-                     "move-branch", "new-branch",
+                     "absolute-read", "other-worktree", "makima-home", "etc-shadow",
+                     "write-repo",
+                     "move-branch", "new-branch", "redirect-git", "replace-git-pointer",
+                     "repo-config",
                      "loopback-tcp"):
             assert f"blocked: {name}" in output, f"{name} did not run:\n{output}"
         assert "allowed: worktree" in output, output
