@@ -1,6 +1,8 @@
 # The makima worker image: `docker compose up --scale worker=N` runs N of these.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends git \
+# bubblewrap: every agent command, Claude Code and every check runs in its sandbox
+# (makima/sandbox.py); the worker refuses to start without it.
+RUN apt-get update && apt-get install -y --no-install-recommends git bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md worker.py starter.py ./

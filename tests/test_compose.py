@@ -63,6 +63,9 @@ def test_the_worker_scales_and_its_image_builds_from_files_that_exist(compose: d
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
     assert 'CMD ["python", "worker.py"]' in dockerfile
+    # the worker refuses to start without a working sandbox
+    assert "bubblewrap" in dockerfile
+    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(worker["security_opt"])
 
 
 def test_docker_compose_config_when_available() -> None:
