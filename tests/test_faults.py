@@ -136,6 +136,12 @@ class Workers:
             "MAKIMA_HOME": str(folder / "home"),
             "MAKIMA_AUTO_CHECKS": "0",
             "ANTHROPIC_API_KEY": "",
+            # These tests steer and count agent commands through files outside the
+            # worktree and by pid, which the sandbox forbids (tests/test_sandbox.py
+            # proves that); they test crashes, so they run unconfined. A root worker
+            # then needs a permission mode Claude Code accepts for root.
+            "MAKIMA_SANDBOX": "off",
+            "MAKIMA_CLAUDE_PERMISSION_MODE": "acceptEdits",
             **IDENTITY,
             **env,
         }
