@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults bench lint unit clean sandbox-tools
+.PHONY: test test-faults bench bench-caching lint unit clean sandbox-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-faults: $(STAMP) sandbox-tools
 # Benchmarks against a local dev server: prints tables, writes bench/results/<date>.json.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# What prompt caching saves the anthropic agent: a scripted 20-turn step, billed by
+# the caching rules of the suite's Messages API server (no network, a few seconds).
+bench-caching: $(STAMP)
+	$(BIN)/python -m bench.caching
 
 demo: $(STAMP)
 	$(BIN)/python starter.py demo

@@ -113,8 +113,7 @@ def _readonly_roots() -> list[Path]:
     return roots
 
 
-def bwrap_command(argv: list[str], confinement: Confinement, *,
-                  home: Path | None = None) -> list[str]:
+def bwrap_command(argv: list[str], confinement: Confinement) -> list[str]:
     """`argv` wrapped in bubblewrap as the module docstring describes.
 
     Mounts are ordered parents first, so the worktree's read-write bind lands on
@@ -140,7 +139,7 @@ def bwrap_command(argv: list[str], confinement: Confinement, *,
             mounts.append((masked, ["--ro-bind", "/dev/null", str(masked)]))
     # Whatever of makima's own folder and the worker's home a bind above reaches
     # is covered again: the sandbox sees neither.
-    private = [(home or Path(os.environ.get("MAKIMA_HOME") or ".makima")).expanduser().resolve(),
+    private = [Path(os.environ.get("MAKIMA_HOME") or ".makima").expanduser().resolve(),
                Path.home().resolve()]
     for folder in private:
         if any(_inside(folder, root.resolve()) for root in seen) and folder.exists():
