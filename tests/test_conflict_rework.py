@@ -9,15 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncpg
 import pytest
+from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
+from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
+from activities.planning import PlanningActivities
+from activities.record import RecordActivities
 from makima.contracts import ExecuteInput, ExecuteOutput, MergeInput, PrepareInput, ReworkContext
-from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
+from makima.models import DirectiveSpec, DirectiveStatus, ExecutorKind, PlannedStep, Repository
 from makima.policy import merge_conflict_evaluation
 from tests.fakes.repos import make_repo, set_identity, sh, show
 from tests.messages_server import MessagesServer, text_reply, tool_reply
+from tests.postgres_fixture import pg_pool, postgres  # noqa: F401 (fixtures)
+from tests.standins import start
+from worker import build_worker
 
 DIRECTIVE = "directive-conflict-0001"
 
@@ -89,3 +97,40 @@ async def test_a_rework_resolves_the_conflict_and_both_intents_are_merged(
     parents = sh("git", "log", "-1", "--format=%P", b2.commit or "", cwd=repo).split()
     assert len(parents) == 2, "the rework's commit is the merge of both lines of work"
     assert sh("git", "status", "--porcelain", cwd=repo) == ""
+
+
+async def test_a_directive_with_two_parallel_steps_on_one_line_completes_with_both(
+        client: Client, task_queue: str, tmp_path: Path, pg_pool: asyncpg.Pool,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the real workflows: whichever step merges second conflicts,
+    is sent back red, and its rework (a shell step that resolves conflict markers
+    when it finds them) succeeds."""
+    monkeypatch.setenv("MAKIMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MAKIMA_AUTO_CHECKS", "0")
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    set_identity(monkeypatch)
+    repo = make_repo(tmp_path / "repo", {"greeting.txt": "hello\n"})
+
+    def greet(team: str) -> str:
+        return ("if grep -q '^<<<<<<<' greeting.txt; then "
+                "printf 'hello from A\\nhello from B\\n' > greeting.txt; "
+                f"else echo 'hello from {team}' > greeting.txt; fi")
+
+    spec = DirectiveSpec.model_validate({
+        "title": "greetings", "goal": "greet from both teams", "executor": "shell",
+        "autonomy": "full_auto", "repository": {"path": str(repo)},
+        "plan": {"steps": [{"name": "a", "command": greet("A")},
+                           {"name": "b", "command": greet("B")}]},
+    })
+    activities = [*PlanningActivities(None).activities(), *EvaluationActivities(None).activities(),
+                  *ExecutionActivities().activities(), *RecordActivities(pg_pool).activities()]
+    async with build_worker(client, task_queue, activities):
+        handle = await start(client, task_queue, spec)
+        result = await handle.result()
+
+    assert result.status is DirectiveStatus.COMPLETED, result.reason
+    assert sorted(step.attempts for step in result.steps) == [1, 2], "one rework, no more"
+    assert show(repo, result.integration_branch, "greeting.txt") == "hello from A\nhello from B"
+    conflicts = await pg_pool.fetch("SELECT step FROM events WHERE directive_id = $1 AND "
+                                    "type = 'merge_conflict'", handle.id)
+    assert len(conflicts) == 1
