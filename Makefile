@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults bench bench-caching lint unit clean sandbox-tools
+.PHONY: test test-faults bench bench-caching bench-console lint unit clean sandbox-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # the caching rules of the suite's Messages API server (no network, a few seconds).
 bench-caching: $(STAMP)
 	$(BIN)/python -m bench.caching
+
+# The console's render times on 1,000 directives in an embedded Postgres.
+bench-console: $(STAMP)
+	$(BIN)/python -m bench.console
 
 demo: $(STAMP)
 	$(BIN)/python starter.py demo

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: your OS user name)")
         p.add_argument("--attempt", type=int, help="the attempt you reviewed (as `makima "
                        "inbox` names it); refused if another attempt waits by now")
+        p.add_argument("--generation", type=int, help="the generation you reviewed (default: "
+                       "the current one)")
         p.add_argument("--comment", default="")
 
     p = command("pause", "pause: no new step or attempt starts (pause_directive)", cmd.cmd_pause)
@@ -138,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs MAKIMA_CONSOLE_USERS or MAKIMA_CONSOLE_AUTH_HEADER")
     p.add_argument("--port", type=int, default=8234)
 
+    p = command("clean", "remove the step branches and worktrees of ended directives, and "
+                "integration branches of directives that failed before any work",
+                desk.cmd_clean)
+    p.add_argument("--older-than", default="7d", help="only directives that ended at least "
+                   "this long ago: 7d, 12h, 30m, 0 (default 7d)")
+    p.add_argument("--integration", action="store_true", help="also remove the integration "
+                   "branches of ended directives, completed ones included")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+
     p = command("report", "a directive's report in Markdown: each acceptance criterion with "
                 "its evidence, each step's outcome", cmd.cmd_report)
     p.add_argument("id")
@@ -145,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "run the demo directive on a sample repository", cmd.cmd_demo)
     p.add_argument("--workdir", type=Path, help="where to make the sample repository "
                    "(default: a new temporary folder, kept)")
-    p.add_argument("--port", type=int, default=7233)
-    p.add_argument("--ui-port", type=int, default=8233)
+    p.add_argument("--port", type=int, help="Temporal's gRPC port of the demo's own stack "
+                   "(default: a free port); with TEMPORAL_ADDRESS set, that server is used")
+    p.add_argument("--ui-port", type=int, help="its web UI's port (default: a free port)")
 
     command("migrate", "apply the Postgres migrations (DATABASE_URL or the embedded one)",
             cmd.cmd_migrate)

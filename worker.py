@@ -32,6 +32,7 @@ from temporalio.worker import Worker
 
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
+from activities.notify import NotifyActivities
 from activities.planning import PlanningActivities
 from activities.record import RecordActivities
 from makima.connection import connect_temporal, task_queue
@@ -50,6 +51,7 @@ from makima.llm.client import LLMClient, llm_from_env
 from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
 from workflows.directive import DirectiveWorkflow
+from workflows.notify import NotifyWorkflow
 from workflows.step import StepWorkflow
 
 log = logging.getLogger("makima.worker")
@@ -71,6 +73,7 @@ def all_activities(llm: LLMClient | None, pool: Any, *,
         *EvaluationActivities(llm).activities(),
         *execution_activities,
         logged_record_events(record.record_events),
+        *NotifyActivities().activities(),
     ]
 
 
@@ -121,7 +124,7 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
     return Worker(
         client,
         task_queue=queue,
-        workflows=[DirectiveWorkflow, StepWorkflow],
+        workflows=[DirectiveWorkflow, StepWorkflow, NotifyWorkflow],
         activities=activities,
         max_concurrent_activities=WORKER_ACTIVITY_SLOTS,
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,

@@ -5,6 +5,9 @@ may retry it, and workflows may send a batch twice, without duplicating a row.
 Errors: a database that is down or busy is retried (RECORD_RETRY_POLICY retries
 without a cap); data Postgres refuses can never succeed on a retry, so it is a
 non-retryable `StoreError`.
+
+New events that deserve a notification (MAKIMA_NOTIFY_URL) start their
+NotifyWorkflow inside the same transaction (activities/notify.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.notify import start_notifications
 from makima.contracts import ActivityName, RecordInput, RecordOutput
 from makima.store.writes import record_events
 
@@ -34,7 +38,7 @@ class RecordActivities:
     @activity.defn(name=ActivityName.RECORD_EVENTS.value)
     async def record_events(self, batch: RecordInput) -> RecordOutput:
         try:
-            written = await record_events(self.pool, batch.events)
+            written = await record_events(self.pool, batch.events, on_new=start_notifications)
         except _DATA_ERRORS as error:
             raise ApplicationError(
                 f"Postgres refused the event batch: {error}", type="StoreError", non_retryable=True

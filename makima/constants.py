@@ -57,6 +57,18 @@ RECORD_RETRY_POLICY = RetryPolicy(
     maximum_attempts=0,  # unlimited: an outage of the database must not lose events
 )
 
+#: Notifications (NotifyWorkflow): each POST may take NOTIFY_TIMEOUT; a receiver
+#: that is down is retried with backoff for up to NOTIFY_WITHIN, then given up.
+NOTIFY_TIMEOUT = timedelta(seconds=30)
+NOTIFY_WITHIN = timedelta(hours=24)
+NOTIFY_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+    maximum_attempts=0,  # bounded by NOTIFY_WITHIN
+    non_retryable_error_types=["NotifyReceiverGone"],
+)
+
 #: A directive run continues as new, within its generation, once its history has
 #: this many events and no step is running (Temporal's own limit is 51,200;
 #: replay time grows with history length).

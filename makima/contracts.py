@@ -40,6 +40,7 @@ class ActivityName(StrEnum):
     CLEANUP_STEP = "cleanup_step"
     COMPLETE_DIRECTIVE = "complete_directive"
     RECORD_EVENTS = "record_events"
+    DELIVER_NOTIFICATION = "deliver_notification"
 
 
 # --------------------------------------------------------------------------- naming
@@ -261,6 +262,18 @@ class RecordInput(Model):
 
 class RecordOutput(Model):
     written: int = 0
+
+
+class NotifyInput(Model):
+    """One notification for one receiver (makima/notify.py). The receiver is named
+    by a hash of its URL: webhook URLs are secrets of the workers."""
+
+    receiver: str
+    payload: dict[str, Any]
+
+
+class NotifyOutput(Model):
+    status: int  # what the receiver answered
 
 
 # --------------------------------------------------------------------------- step workflow

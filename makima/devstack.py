@@ -316,6 +316,7 @@ async def run_dev(port: int, ui_port: int, ip: str = "127.0.0.1",
                 ip, console_port, database_url=stack.database_url, ui_url=stack.ui_url,
                 temporal_address=stack.temporal_address))
             console = f" console={url}"
+            os.environ.setdefault("MAKIMA_CONSOLE_URL", url)  # notifications link to it
         print(stack.ready_line() + console, flush=True)
         print("makima dev: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
               flush=True)

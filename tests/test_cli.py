@@ -229,7 +229,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"start", "status", "list", "events", "approve", "deny", "pause", "resume", "stop",
             "update-goal", "raise-budget", "dag", "dev", "demo", "migrate", "inbox",
-            "show", "console", "report"} <= set(commands)
+            "show", "console", "report", "clean"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as exited:
             parser.parse_args([name, "--help"])

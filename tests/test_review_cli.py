@@ -147,3 +147,49 @@ def test_why_an_attempt_waits_names_checks_and_criteria() -> None:
     assert why_waiting([], [], 0.5) == [NOTHING_VERIFIED]
     assert why_waiting(checks[1:], criteria[1:], 0.7, "mostly there") == [
         "every check passed, but the score 0.70 is below green: mostly there"]
+
+
+def test_clean_removes_what_ended_directives_left_but_not_their_work(
+        dev_stack: RunningDev, sample_repo: Path, tmp_path: Path) -> None:
+    completed = f"directive-clean-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, sample_repo, [
+        {"name": "write", "command": "echo w > w.txt", "verify": ["test -f w.txt"]}])
+    assert dev_stack.cli("start", str(spec), "--id", completed, "--wait").returncode == 0
+    denied = f"directive-clean-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, sample_repo, [{"name": "unchecked", "command": "echo x > x.txt"}])
+    assert dev_stack.cli("start", str(spec), "--id", denied).returncode == 0
+    wait_until(dev_stack, lambda: inbox_entries(dev_stack, denied))
+    assert dev_stack.cli("deny", denied, "unchecked", "--attempt", "1").returncode == 0
+    wait_until(dev_stack, lambda: "failed" in dev_stack.cli("status", denied).stdout)
+
+    def branches() -> set[str]:
+        out = subprocess.run(["git", "branch", "--format=%(refname:short)"], cwd=sample_repo,
+                             capture_output=True, text=True, check=True).stdout
+        return {b for b in out.split() if completed in b or denied in b}
+
+    assert branches() == {f"makima/{completed}", f"makima/{completed}--steps/write",
+                          f"makima/{denied}", f"makima/{denied}--steps/unchecked"}
+    recent = dev_stack.cli("clean")  # default: ended at least 7 days ago
+    assert recent.returncode == 0 and denied not in recent.stdout
+    dry = dev_stack.cli("clean", "--older-than", "0", "--dry-run")
+    assert f"{denied}: would remove branch makima/{denied}--steps/unchecked" in dry.stdout
+    assert f"{denied}: would remove branch makima/{denied}\n" in dry.stdout
+    assert f"{completed}: kept branch makima/{completed} (the completed work" in dry.stdout
+    assert len(branches()) == 4
+
+    done = dev_stack.cli("clean", "--older-than", "0")
+    assert done.returncode == 0, done.stderr
+    assert branches() == {f"makima/{completed}"}
+    assert subprocess.run(["git", "show", f"makima/{completed}:w.txt"], cwd=sample_repo,
+                          capture_output=True, text=True).stdout == "w\n"
+    bad = dev_stack.cli("clean", "--older-than", "a week")
+    assert bad.returncode == 2 and "is not an age like 7d" in bad.stderr
+
+
+def test_demo_uses_only_the_server_it_was_told(dev_stack: RunningDev, tmp_path: Path) -> None:
+    env = {**dev_stack.env, "TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    done = subprocess.run([sys.executable, str(STARTER), "demo", "--workdir", str(tmp_path)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "TEMPORAL_ADDRESS=127.0.0.1:1 does not answer" in done.stderr
+    assert "unset TEMPORAL_ADDRESS for the demo's own stack" in done.stderr

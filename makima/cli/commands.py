@@ -354,7 +354,7 @@ def _decision(args: Any) -> ApprovalDecision:
     from makima.review import os_user
 
     return ApprovalDecision(step=args.step, by=args.by or os_user(), comment=args.comment,
-                            attempt=args.attempt)
+                            attempt=args.attempt, generation=args.generation)
 
 
 async def cmd_approve(args: Any) -> int:

@@ -21,7 +21,13 @@ from makima.cli import EXIT_OK, EXIT_REFUSED, render
 from makima.cli.commands import follow_directive, send_update, start_directive
 from makima.cli.spec import load_spec
 from makima.connection import task_queue
-from makima.devstack import DevStack, has_workflow_pollers, try_connect, ui_url_for
+from makima.devstack import (
+    DevStack,
+    DevStackError,
+    has_workflow_pollers,
+    try_connect,
+    ui_url_for,
+)
 from makima.models import ApprovalDecision, DirectiveSnapshot, DirectiveSpec, DirectiveStatus
 
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
@@ -69,13 +75,28 @@ class YellowApprover:
             self.approved.append(pending.step)
 
 
-async def _stack(port: int, ui_port: int) -> DevStack:
-    address = os.environ.get("TEMPORAL_ADDRESS", "").strip() or f"127.0.0.1:{port}"
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _stack(port: int | None, ui_port: int | None) -> DevStack:
+    """The demo's own stack on free ports, unless TEMPORAL_ADDRESS names a server
+    (then that one, so the demo never lands on whatever answers on :7233)."""
+    address = os.environ.get("TEMPORAL_ADDRESS", "").strip()
+    if not address:
+        port, ui_port = port or _free_port(), ui_port or _free_port()
+        print(f"demo: starting its own embedded stack (Temporal dev server on :{port}, its UI "
+              f"on :{ui_port}, Postgres, a worker); set TEMPORAL_ADDRESS to use a running "
+              "server", flush=True)
+        return DevStack(port=port, ui_port=ui_port)
     client = await try_connect(address)
     if client is None:
-        print(f"demo: starting the embedded stack (Temporal dev server on :{port}, its UI on "
-              f":{ui_port}, Postgres, a worker)", flush=True)
-        return DevStack(port=port, ui_port=ui_port)
+        raise DevStackError(f"TEMPORAL_ADDRESS={address} does not answer; start it (`makima "
+                            "dev`), or unset TEMPORAL_ADDRESS for the demo's own stack")
     workers = await has_workflow_pollers(client, task_queue())
     print(f"demo: using the Temporal server at {address}"
           + ("" if workers else "; starting a worker for it"), flush=True)
@@ -88,7 +109,8 @@ def _prepare(workdir: Path | None) -> tuple[Path, DirectiveSpec]:
     return repo, load_spec(DEMO_SPEC, repo=str(repo))
 
 
-async def run_demo(*, workdir: Path | None = None, port: int = 7233, ui_port: int = 8233) -> int:
+async def run_demo(*, workdir: Path | None = None, port: int | None = None,
+                   ui_port: int | None = None) -> int:
     repo, spec = await asyncio.to_thread(_prepare, workdir)
     print(f"demo: sample repository {repo}", flush=True)
     async with await _stack(port, ui_port) as stack:

@@ -101,6 +101,36 @@ def attempt_text(detail: StepDetail, attempt: AttemptRecord) -> list[str]:
     return lines
 
 
+async def cmd_clean(args: Any) -> int:
+    from makima.cleanup import clean_directive, ended_directives, parse_age
+
+    try:
+        older_than = parse_age(args.older_than)
+    except ValueError as error:
+        raise CommandError(EXIT_BAD_INPUT, str(error)) from None
+
+    async def work(pool: Any) -> int:
+        verb = "would remove" if args.dry_run else "removed"
+        rows = await ended_directives(pool, older_than)
+        touched = 0
+        for row in rows:
+            cleaned = await clean_directive(row, integration=args.integration,
+                                            dry_run=args.dry_run)
+            if cleaned.problem:
+                print(f"{cleaned.directive_id}: skipped: {cleaned.problem}")
+                continue
+            for thing in cleaned.removed:
+                print(f"{cleaned.directive_id}: {verb} {thing}")
+            for thing in cleaned.kept:
+                print(f"{cleaned.directive_id}: kept {thing}")
+            touched += bool(cleaned.removed)
+        print(f"{len(rows)} ended directive{'s' if len(rows) != 1 else ''} older than "
+              f"{args.older_than}; {touched} had something to clean")
+        return EXIT_OK
+
+    return await _with_pool(work)
+
+
 async def cmd_show(args: Any) -> int:
     from makima.store import InvalidFilter, NotFound
     from makima.store.reads import get_directive, get_step

@@ -217,7 +217,8 @@ async def directive_events(request: Request) -> Response:
 
 def _decision(form: dict[str, str], user: str) -> ApprovalDecision:
     return ApprovalDecision(step=form.get("step", ""), by=user, comment=form.get("comment", ""),
-                            attempt=_int(form.get("attempt")))
+                            attempt=_int(form.get("attempt")),
+                            generation=_int(form.get("generation")))
 
 
 def _budget(form: dict[str, str]) -> BudgetRaise:

@@ -21,7 +21,7 @@ What does not live here: reading (`reads.py`), listening (`watch.py`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,16 +102,23 @@ SELECT pg_notify({_CHANNEL_SQL}, last_position::text) FROM advanced
 """
 
 
-async def record_events(pool: asyncpg.Pool, events: Sequence[Event]) -> int:
+#: Called inside the transaction with the events that were new in it (after their
+#: projection); raising rolls the whole batch back.
+OnNewEvents = Callable[[asyncpg.Connection, list[Event]], Awaitable[None]]
+
+
+async def record_events(pool: asyncpg.Pool, events: Sequence[Event],
+                        on_new: OnNewEvents | None = None) -> int:
     """Write a batch of events and their projections in one transaction.
     Returns how many events were new (0 when the whole batch was seen before)."""
     if not events:
         return 0
     async with pool.acquire() as conn, conn.transaction():
-        return await write_events(conn, events)
+        return await write_events(conn, events, on_new)
 
 
-async def write_events(conn: asyncpg.Connection, events: Sequence[Event]) -> int:
+async def write_events(conn: asyncpg.Connection, events: Sequence[Event],
+                       on_new: OnNewEvents | None = None) -> int:
     """`record_events` on a connection whose transaction the caller owns."""
     unique: dict[tuple[str, int], Event] = {}
     for event in events:
@@ -142,7 +149,10 @@ async def write_events(conn: asyncpg.Connection, events: Sequence[Event]) -> int
         return 0
 
     new_keys = {(row["source"], row["seq"]) for row in inserted}
-    await _project(conn, [e for e in batch if (e.source, e.seq) in new_keys])
+    new = [e for e in batch if (e.source, e.seq) in new_keys]
+    await _project(conn, new)
+    if on_new is not None:
+        await on_new(conn, new)
 
     last: dict[str, int] = {}
     for row in inserted:
