@@ -193,3 +193,48 @@ def test_demo_uses_only_the_server_it_was_told(dev_stack: RunningDev, tmp_path: 
     assert done.returncode == 1
     assert "TEMPORAL_ADDRESS=127.0.0.1:1 does not answer" in done.stderr
     assert "unset TEMPORAL_ADDRESS for the demo's own stack" in done.stderr
+
+
+def test_elapsed_is_computed_when_read_and_wait_draws_live_on_a_terminal(
+        dev_stack: RunningDev, sample_repo: Path, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    spec = write_spec(tmp_path, sample_repo, [
+        {"name": "idle", "command": "echo i > i.txt"},
+        {"name": "then", "depends_on": ["idle"], "command": "echo t > t.txt",
+         "verify": ["test -f t.txt"]}])
+    directive_id = f"directive-tty-{uuid.uuid4().hex[:8]}"
+    # `start --wait` on a pseudo-terminal, as a person runs it
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(STARTER), "start", str(spec), "--id",
+                                directive_id, "--wait"], env={**dev_stack.env, "COLUMNS": "160"},
+                               cwd=ROOT, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    wait_until(dev_stack, lambda: inbox_entries(dev_stack, directive_id))
+    # the directive idles while it waits: no workflow task, yet the clock moves
+    first = json.loads(dev_stack.cli("status", directive_id, "--json").stdout)
+    time.sleep(2.0)
+    second = json.loads(dev_stack.cli("status", directive_id, "--json").stdout)
+    assert second["elapsed_seconds"] - first["elapsed_seconds"] >= 1.5, (first, second)
+    assert "elapsed    " in dev_stack.cli("status", directive_id).stdout
+
+    assert dev_stack.cli("approve", directive_id, "idle", "--attempt", "1").returncode == 0
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(30) == 0
+    os.close(leader)
+    text = output.decode(errors="replace")
+    assert "\x1b[" in text  # colour and redrawing in place
+    assert "━" in text and "2/2 steps passed" in text  # the progress bar of steps
+    assert "waiting for you: idle (attempt 1" in text
+    assert "\x07" in text  # the bell rang when it started waiting
+    assert f"branch: makima/{directive_id}" in text
+    assert f"diff main...makima/{directive_id} --stat" in text

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,28 +139,57 @@ async def follow_directive(client: Client, directive_id: str, *, show: bool = Tr
     """Poll the `status` query until the directive ends, redrawing the live table
     (in place on a terminal, else printed again whenever it changes)."""
     handle = client.get_workflow_handle(directive_id)  # no run id: follows continue-as-new
-    tty = sys.stdout.isatty()
-    drawn_lines = 0
+    started = await directive_started_at(client, directive_id)
+    live = None
+    if show and sys.stdout.isatty():
+        from rich.live import Live
+
+        live = Live(auto_refresh=False, transient=False)
+        live.start()
     last = ""
-    while True:
-        snapshot = await query_status(handle)
-        if show:
-            view = render.live_view(snapshot)
-            comparable = view.split("\n", 1)[1]  # without the headline's ticking clock
-            if tty:
-                if drawn_lines:
-                    sys.stdout.write(f"\x1b[{drawn_lines}F\x1b[J")
-                sys.stdout.write(view + "\n")
-                sys.stdout.flush()
-                drawn_lines = view.count("\n") + 1
-            elif comparable != last:
-                print(view + "\n", flush=True)
-            last = comparable
-        if snapshot.status.is_final:
-            return snapshot
-        if on_snapshot is not None:
-            await on_snapshot(snapshot)
-        await asyncio.sleep(POLL_SECONDS)
+    try:
+        while True:
+            snapshot = with_elapsed_now(await query_status(handle), started)
+            if live is not None:
+                from makima.cli.live import live_renderable
+
+                live.update(live_renderable(snapshot), refresh=True)
+            elif show:
+                view = render.live_view(snapshot)
+                comparable = view.split("\n", 1)[1]  # without the headline's ticking clock
+                if comparable != last:
+                    print(view + "\n", flush=True)
+                last = comparable
+            if snapshot.status.is_final:
+                return snapshot
+            if on_snapshot is not None:
+                await on_snapshot(snapshot)
+            await asyncio.sleep(POLL_SECONDS)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+async def directive_started_at(client: Client, directive_id: str) -> datetime | None:
+    """When the directive started: its first run's start (a directive continues as
+    new at every generation), or None when Temporal cannot say."""
+    try:
+        described = await client.get_workflow_handle(directive_id).describe()
+        first = described.raw_description.workflow_execution_info.first_run_id
+        if first and first != described.run_id:
+            described = await client.get_workflow_handle(directive_id, run_id=first).describe()
+    except RPCError:
+        return None
+    return described.start_time
+
+
+def with_elapsed_now(snapshot: DirectiveSnapshot, started: datetime | None) -> DirectiveSnapshot:
+    """The snapshot with `elapsed_seconds` computed now from the start: the
+    workflow's own value is as of its last task, stale while a directive idles."""
+    if started is None or snapshot.status.is_final:
+        return snapshot
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+    return snapshot.model_copy(update={"elapsed_seconds": round(max(elapsed, 0.0), 3)})
 
 
 async def cmd_start(args: Any) -> int:
@@ -204,8 +234,9 @@ def _bell_when_waiting(quiet: bool) -> OnSnapshot:
     async def ring(snapshot: DirectiveSnapshot) -> None:
         waiting = {(p.step, p.attempt) for p in snapshot.pending_approvals}
         if waiting - rung and not quiet:
-            sys.stdout.write("\a")
-            sys.stdout.flush()
+            terminal = sys.__stdout__ or sys.stdout  # past rich's capture of sys.stdout
+            terminal.write("\a")
+            terminal.flush()
         rung.update(waiting)
 
     return ring
@@ -228,6 +259,7 @@ async def query_status(handle: WorkflowHandle[Any, Any]) -> DirectiveSnapshot:
 async def cmd_status(args: Any) -> int:
     client = await connect()
     snapshot = await query_status(client.get_workflow_handle(args.id))
+    snapshot = with_elapsed_now(snapshot, await directive_started_at(client, args.id))
     if args.json:
         emit_json(snapshot)
     else:
