@@ -12,8 +12,13 @@ finds its agent session) so Temporal does not time it out meanwhile.
 Each directive or step state change is logged as one line.
 
 SIGTERM or Ctrl-C stops polling and lets running activities finish for up to
---graceful-seconds; what is still running then is cancelled and Temporal
-retries it on another worker.
+--graceful-seconds; what is still running then is cancelled (a running agent's
+process group is killed) and Temporal retries it on another worker. The worker
+logs both moments.
+
+Agents die with their worker even when it is killed outright (see
+makima/lifeline.py); a worker starting on a MAKIMA_HOME reaps the agent process
+groups an earlier, dead worker on that home left behind.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from makima.contracts import (
 )
 from makima.executors.base import ExecutorSetupError
 from makima.executors.claude_code import claude_code_preflight
+from makima.git import makima_home
+from makima.lifeline import reap_orphans
 from makima.llm.client import LLMClient, llm_from_env
 from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
@@ -138,6 +145,11 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
     # (SandboxUnavailable names the fix), unless MAKIMA_SANDBOX=off says so (logged).
     await asyncio.to_thread(require_sandbox)
     claude_code_preflight()
+    home = makima_home()
+    reaped = reap_orphans(home)
+    if reaped:
+        log.warning("makima worker: killed %d agent process group(s) an earlier worker on %s "
+                    "left running: %s", len(reaped), home, ", ".join(map(str, reaped)))
     client = await connect_temporal()
     pool = await create_pool()
     llm = llm_from_env()
@@ -154,7 +166,14 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
     try:
         async with worker:
             await stop.wait()
-            log.info("makima worker: stopping")
+            log.info("makima worker: stopping; running activities may finish for %g s, "
+                     "then running agents are cancelled", graceful_seconds)
+            shutdown = asyncio.create_task(worker.shutdown())
+            done, _ = await asyncio.wait({shutdown}, timeout=graceful_seconds)
+            if not done:
+                log.warning("makima worker: graceful time (%g s) is over; cancelling running "
+                            "agents", graceful_seconds)
+            await shutdown
     finally:
         await pool.close()
         if llm is not None:

@@ -86,6 +86,27 @@ def _usage_from_heartbeat(details: Any) -> Usage | None:
     return None
 
 
+def _previous_try(details: Any, start: str) -> str:
+    """What an earlier try reported before it was cut off, for an agent that starts
+    over here."""
+    last = next((item for item in reversed(list(details or [])) if isinstance(item, dict)), {})
+    done = (f"It had taken {last.get('turns', 0)} turns (last tool: "
+            f"{last.get('last_tool') or 'none'}; {last.get('note') or 'no note'}) over "
+            f"{last.get('elapsed_seconds', 0)} s. ") if last else ""
+    return (f"{done}Its work was not saved; the worktree starts again from commit "
+            f"{start[:12]}. Do the step's whole task.")
+
+
+def _try_folder(repo: GitRepository, directive_id: str, step: str, attempt: int,
+                try_number: int) -> Path:
+    return repo.worktree_path(directive_id, f"{step}-a{attempt}-t{try_number}")
+
+
+def _attempt_folders(step: str) -> re.Pattern[str]:
+    """The folder names of every try of every attempt of `step`."""
+    return re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+-t\d+$")
+
+
 class ExecutionActivities:
     """Built once per worker: `ExecutionActivities(makima_home())`."""
 
@@ -149,7 +170,13 @@ class ExecutionActivities:
         branch = step_branch(input.directive_id, step)
         executor = self.executors(input.spec.executor)
         repo = await self._open(input.spec.repository)
-        worktree = repo.worktree_path(input.directive_id, f"{step}-a{input.attempt}")
+        # A directory of its own for every try: a try that was cut off may still have a
+        # process writing into its directory (until its worker's death reaches it).
+        try_number = info.attempt
+        worktree = _try_folder(repo, input.directive_id, step, input.attempt, try_number)
+        previous = _try_folder(repo, input.directive_id, step, input.attempt, try_number - 1)
+        resume_session_id = _session_from_heartbeat(info.heartbeat_details)
+        previous_try = ""
         async with repo.lock():
             await repo.check_branch_name(branch)
             await repo.fetch_branch(input.integration_branch, required=True)
@@ -162,23 +189,31 @@ class ExecutionActivities:
                 # Rework: the agent fixes its own previous attempt.
                 await repo.fetch_branch(branch)
                 start = await repo.branch_head(branch) or integration_head
-            # A retry of this same attempt on this worker that resumes an agent session
-            # keeps what the agent did so far (the session expects its files there).
-            resume_session_id = _session_from_heartbeat(info.heartbeat_details)
             conflicts: list[str] = []
-            if not (info.attempt > 1 and resume_session_id and _exists(worktree / ".git")):
+            if try_number > 1 and resume_session_id and _exists(previous / ".git"):
+                # Resuming an agent session here: it expects the files it wrote so far
+                # (caught up with the integration branch already, by that try).
+                start = await repo.commit_attempt(previous, commit_message(
+                    input.directive_id, step, input.attempt, f"interrupted try {try_number - 1}"))
+                await repo.add_worktree(worktree, start)
+            else:
+                if try_number > 1:
+                    resume_session_id = None
+                    previous_try = _previous_try(info.heartbeat_details, start)
                 await repo.add_worktree(worktree, start)
                 if start != integration_head:
                     conflicts = await _catch_up(repo, worktree, integration_head,
                                                 input.integration_branch)
 
-        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if resume_session_id else None
+        # what earlier tries of this attempt were billed (resumed or not, it was spent)
+        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if try_number > 1 else None
         progress = Progress(session_id=resume_session_id, usage=resume_usage)
         heartbeat = _Heartbeat(step, input.attempt, started, progress)
         request = ExecutionRequest(
             directive_id=input.directive_id, spec=input.spec, step=input.step,
             attempt=input.attempt, worktree=worktree, rework=input.rework,
             resume_session_id=resume_session_id, resume_usage=resume_usage, conflicts=conflicts,
+            resume_from=previous, previous_try=previous_try,
             on_progress=lambda _: heartbeat.beat(), progress=progress)
         beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
         try:
@@ -217,7 +252,8 @@ class ExecutionActivities:
         async with self._alive():
             repo = await self._open(input.spec.repository)
             branch = step_branch(input.directive_id, input.step)
-            worktree = repo.worktree_path(input.directive_id, f"{input.step}-a{input.attempt}")
+            worktree = _try_folder(repo, input.directive_id, input.step, input.attempt,
+                                   activity.info().attempt if activity.in_activity() else 1)
             async with repo.lock():
                 await repo.fetch_branch(branch)
                 await repo.fetch_branch(input.integration_branch, required=True)
@@ -239,8 +275,7 @@ class ExecutionActivities:
         """Attempt worktrees are detached, so a person who committed a fix inside one
         left the step branch behind; move the branch forward to such a commit."""
         folder = self.home / "worktrees" / safe_path_component(directive_id)
-        pattern = re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+$")
-        for path in _matching_folders(folder, pattern):
+        for path in _matching_folders(folder, _attempt_folders(step)):
             result = await repo.run("rev-parse", "HEAD", cwd=path, check=False)
             candidate = result.stdout.strip()
             if (result.code == 0 and candidate and candidate != head
@@ -290,8 +325,7 @@ class ExecutionActivities:
             except MakimaError:
                 repo = None  # the repository is gone: its worktrees are plain folders now
             folder = self.home / "worktrees" / safe_path_component(input.directive_id)
-            pattern = re.compile(rf"^{re.escape(safe_path_component(input.step))}-a\d+$")
-            candidates = _matching_folders(folder, pattern)
+            candidates = _matching_folders(folder, _attempt_folders(input.step))
             if input.worktree:
                 given = _absolute(input.worktree)
                 # Only ever delete inside makima's own folder.

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from makima import lifeline
 from makima.sandbox import SANDBOX_HOME, Confinement, confine, sandbox_enabled
 
 #: How long a group gets between SIGTERM and SIGKILL.
@@ -196,7 +197,7 @@ async def run_process(
     `exit_code=None, timed_out=True`; cancellation kills the group and re-raises."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        *argv,
+        *lifeline.guarded(argv),  # the group dies with this worker
         cwd=str(cwd),
         env=dict(env) if env is not None else None,
         stdin=asyncio.subprocess.DEVNULL,
@@ -206,6 +207,12 @@ async def run_process(
     )
     if on_start is not None:
         on_start(process.pid)
+    with lifeline.recorded(process.pid):
+        return await _finish(process, started, timeout_seconds, tail_bytes)
+
+
+async def _finish(process: asyncio.subprocess.Process, started: float,
+                  timeout_seconds: float | None, tail_bytes: int) -> ProcessResult:
     tail = TailBuffer(tail_bytes)
 
     async def pump() -> None:

@@ -81,7 +81,7 @@ async def run_step(home: Path, repository: Repository, step: str, server: Messag
 
 
 def worktree_of(home: Path, step: str) -> Path:
-    return home / "worktrees" / safe_path_component(DIRECTIVE) / f"{step}-a1"
+    return home / "worktrees" / safe_path_component(DIRECTIVE) / f"{step}-a1-t1"
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ async def test_the_real_cli_streams_writes_a_file_and_keeps_the_key_outside(
     # the model API saw the worker's key; the CLI only ever had the placeholder
     assert {r.headers.get("x-api-key") for r in messages_server.requests} == {api}
     assert PLACEHOLDER_KEY not in json.dumps([r.headers for r in messages_server.requests])
-    assert not (worktree_of(home, "write").parent / ".claude-homes" / "write-a1").exists()
+    assert not (worktree_of(home, "write").parent / ".claude-homes" / "write-a1-t1").exists()
 
 
 async def test_a_claude_code_bash_command_cannot_escape(

@@ -83,7 +83,7 @@ async def test_claude_code_works_in_the_worktree_and_reports_session_and_cost(
     assert "Create claude.txt." in call["prompt"] and "Write claude.txt" in call["prompt"]
     assert not any(arg.startswith("--resume") for arg in call["argv"])
     # Claude Code runs as the leader of its own process group (so cancel can kill it all).
-    assert call["pid"] == call["pgid"]
+    assert call["pgid"] != os.getpgid(0) and call["pgid"] != call["pid"]
     assert any(beat.get("session_id") == "sess-fake-1" for beat in heartbeats)
     assert any(beat.get("last_tool") == "Write" for beat in heartbeats)
 
@@ -121,6 +121,39 @@ async def test_a_crash_is_retryable_and_the_retry_resumes_the_session(
     second = calls(fake_claude)[-1]
     assert "--resume=sess-crashy" in second["argv"]
     assert "resumed: sess-crashy" in (Path(out.worktree) / "claude.txt").read_text()
+    # the retry worked in a directory of its own: the first try's may still be written to
+    assert second["cwd"] != calls(fake_claude)[0]["cwd"]
+
+
+async def test_a_retry_on_a_worker_without_the_session_starts_a_new_one_told_what_happened(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "crash")
+    monkeypatch.setenv("FAKE_CLAUDE_SESSION", "sess-elsewhere")
+    monkeypatch.setenv("FAKE_CLAUDE_SLEEP", "0.2")
+    heartbeats: list[dict[str, Any]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    with pytest.raises(ApplicationError):
+        await _run(tmp_path, env)
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "ok")
+
+    # The retry lands on another machine: another home, so no session file of it.
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2, heartbeat_details=[heartbeats[-1]])
+    repository = Repository(path=str(tmp_path / "repo"))
+    acts = ExecutionActivities(tmp_path / "other-home", heartbeat_interval=0.5)
+    spec = DirectiveSpec(title="Claude", goal="Write claude.txt", repository=repository,
+                         executor=ExecutorKind.CLAUDE_CODE)
+    out = await retry.run(acts.execute_step, ExecuteInput(
+        directive_id=DIRECTIVE, generation=1, spec=spec,
+        step=PlannedStep(name="build", task_plan="Create claude.txt."),
+        integration_branch=f"makima/{DIRECTIVE}"))
+
+    assert out.success, out.summary
+    second = calls(fake_claude)[-1]
+    assert not any(arg.startswith("--resume") for arg in second["argv"]), (
+        "resuming a session whose file is on another machine fails on every retry")
+    assert "CONTINUATION: an earlier try of this attempt was interrupted" in second["prompt"]
 
 
 async def test_missing_sdk_is_a_clear_non_retryable_error(

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -271,9 +269,12 @@ async def wait_for_child_completed(client: Client, handle: WorkflowHandle[Any, A
     raise AssertionError(f"{child_id} did not complete in {timeout} s")
 
 
-def kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 # --------------------------------------------------------------------------- 1, 2: worker crashes
@@ -291,10 +292,12 @@ async def test_worker_killed_during_an_agent_command_retries_the_attempt_once(
     handle = await start(stack, workers.queue, spec)
     await wait_for(lambda: len(lines(count)) == 1, 60, "the agent command started", workers.logs)
 
+    agent = int(lines(count)[0])
     first.kill()
-    # A crashed host takes its agent with it; the agent runs in its own session, so
-    # a kill -9 of the worker alone leaves it running (see the report): end it too.
-    kill_group(int(lines(count)[0]))
+    # the agent dies with its worker (nobody else kills it): no orphan writes into
+    # a worktree that a retry could merge
+    await wait_for(lambda: not process_alive(agent), 10,
+                   "the killed worker's agent still runs 10 s later", workers.logs)
     workers.start()
     # the retry comes after AGENT_HEARTBEAT_TIMEOUT (60 s) plus the retry interval
     await wait_for(lambda: len(lines(count)) == 2, 150, "the attempt was retried", workers.logs)
@@ -320,6 +323,26 @@ async def test_worker_killed_during_an_agent_command_retries_the_attempt_once(
     # Temporal's own record: execute_step of `slow` completed on its second attempt
     step_history = (await histories(stack.client, handle))[f"{handle.id}/g1/slow"]
     assert started_attempts(step_history, "execute_step") == [2]
+
+
+async def test_sigterm_cancels_running_agents_within_the_graceful_time_and_says_so(
+        stack: Stack, repo: Path, tmp_path: Path, workers_of: Any) -> None:
+    workers = workers_of(stack)
+    count, go = tmp_path / "count", tmp_path / "go"
+    worker = workers.start()
+    await start(stack, workers.queue, spec_with(repo, [
+        {"name": "slow", "command": gated_command(count, go)}]))
+    await wait_for(lambda: len(lines(count)) == 1, 60, "the agent command started", workers.logs)
+    agent = int(lines(count)[0])
+
+    stopped_at = time.monotonic()
+    worker.stop()  # SIGTERM; the worker was started with --graceful-seconds 2
+
+    assert not process_alive(agent), "the agent outlived its stopped worker"
+    assert time.monotonic() - stopped_at < 2 + 10
+    log = worker.log()
+    assert "stopping; running activities may finish for 2 s" in log
+    assert "graceful time (2 s) is over; cancelling running agents" in log
 
 
 async def test_worker_killed_between_steps_starts_no_child_twice(

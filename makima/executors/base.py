@@ -51,9 +51,14 @@ class ExecutionRequest:
     worktree: Path
     rework: ReworkContext | None = None
     #: Claude Code: the session a previous try of this same attempt started, and
-    #: the tokens that session was billed before this try.
+    #: the tokens that session was billed before this try, and that try's worktree
+    #: (where the session's file is found).
     resume_session_id: str | None = None
     resume_usage: Usage | None = None
+    resume_from: Path | None = None
+    #: What an interrupted earlier try of this attempt left, for an agent that
+    #: cannot resume its session here (another worker, or no session file).
+    previous_try: str = ""
     #: Files with conflict markers: the integration branch was merged into this
     #: rework's worktree and conflicts with the step's earlier work.
     conflicts: list[str] = field(default_factory=list)
@@ -110,6 +115,9 @@ def task_prompt(request: ExecutionRequest) -> str:
             + "\nResolve every conflict keeping both sides' intent and remove the markers. "
             "You may use git (status, diff, merge, rebase) inside this worktree; do not push "
             "or touch other branches. makima commits the merge with your changes.")
+    if request.previous_try:
+        parts.append(f"CONTINUATION: an earlier try of this attempt was interrupted (its worker "
+                     f"stopped). {request.previous_try}")
     context = [f"Directive: {spec.title}", f"Goal: {spec.goal}"]
     for title, items in (("Requirements", spec.requirements),
                          ("Acceptance criteria", spec.acceptance_criteria),

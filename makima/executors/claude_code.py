@@ -8,7 +8,7 @@ unprivileged uid, so it and every command its Bash tool runs can change only
 the worktree. The sandbox has no network: the CLI reaches the model API through
 makima.executors.model_proxy, which adds the worker's credentials outside, so
 the CLI holds only a placeholder key. Its HOME (sessions, settings) is a folder
-kept next to the worktree (`.claude-homes/<attempt>`) so a retry can resume,
+kept next to the worktree (`.claude-homes/<try folder>`) so a retry can resume,
 and removed once the attempt's run ends with a result. Because the agent is not
 root inside the sandbox, `bypassPermissions` works for a root worker too. With
 MAKIMA_SANDBOX=off the CLI runs unconfined with the worker's credentials; a root
@@ -19,13 +19,17 @@ The CLI's stderr is kept (its end) and goes into the attempt's reason when the
 CLI fails, and into the output tail.
 
 The session id Claude Code reports is passed to the progress callback (the
-activity puts it in its heartbeat details), and a retried attempt that finds it
-there resumes that session (`--resume`) instead of starting over. Cost comes
-from the result message.
+activity puts it in its heartbeat details). Every try of an attempt has a
+directory of its own, so a retry resumes that session (`--resume`) only where
+the earlier try's session file is (the same machine; `adopt_session` copies it
+into the new try's home); elsewhere it starts a new session, told what the
+earlier try reported, rather than failing on every retry with "No conversation
+found". Cost comes from the result message.
 
-Claude Code is started through a tiny launcher that makes it the leader of its
-own process group and writes its pid down, so cancelling the attempt kills it
-and every command it started within seconds (the SDK alone would wait for it).
+Claude Code is started through a tiny launcher that gives it a process group of
+its own, led by makima's watchdog (makima/lifeline.py: the group dies with the
+worker), and writes the group's id down, so cancelling the attempt kills it and
+every command it started within seconds (the SDK alone would wait for it).
 
 Configuration (environment):
     MAKIMA_CLAUDE_CLI              path of the `claude` executable (default: the SDK's
@@ -50,6 +54,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from makima import lifeline
 from makima.errors import ExecutorError
 from makima.executors.base import (
     OUTPUT_TAIL_CHARS,
@@ -89,7 +94,7 @@ STEP_INSTRUCTIONS = (
     "branches (merging or rebasing inside this worktree is fine when the task asks for it)."
 )
 
-#: Started by the SDK in place of the CLI: becomes the leader of its own process
+#: Started by the SDK in place of the CLI: becomes (as makima's watchdog) the leader of its own process
 #: group (so a cancel kills everything), writes its pid down, and starts the
 #: command makima prepared (the sandboxed CLI) with makima's environment plus the
 #: SDK's own CLAUDE_* settings.
@@ -159,6 +164,12 @@ class ClaudeCodeExecutor:
         cli = find_claude_cli(sdk)
         home = session_home(request.worktree)
         home.mkdir(parents=True, exist_ok=True)
+        resume = request.resume_session_id
+        if resume and not adopt_session(resume, request.resume_from, request.worktree):
+            # Its file is on another machine (or gone): `--resume` would fail on every
+            # retry, so start a new session told what the earlier try did.
+            resume = None
+            request.report(session_id=None)
         stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         with tempfile.TemporaryDirectory(prefix="makima-claude-") as folder:
             scratch = Path(folder)
@@ -168,7 +179,9 @@ class ClaudeCodeExecutor:
                 if sandbox_enabled():
                     await stack.enter_async_context(ModelProxy(scratch / "api.sock"))
                 launch = scratch / "launch.json"
-                launch.write_text(json.dumps({"pidfile": str(pidfile), "argv": argv,
+                # the SDK starts the launcher from this process: the watchdog's parent
+                launch.write_text(json.dumps({"pidfile": str(pidfile),
+                                              "argv": lifeline.guarded(argv),
                                               "env": env}))
                 launcher = scratch / "claude"
                 launcher.write_text(_LAUNCHER.format(python=sys.executable, launch=str(launch)))
@@ -182,7 +195,7 @@ class ClaudeCodeExecutor:
                     max_turns=env_int("MAKIMA_AGENT_MAX_TURNS", DEFAULT_MAX_TURNS),
                     model=request.spec.models.executor
                     or (os.environ.get("MAKIMA_EXECUTOR_MODEL") or "").strip() or None,
-                    resume=request.resume_session_id,
+                    resume=resume,
                     stderr=stderr.append,
                 )
                 # The conversation runs in its own task so that a cancellation of this
@@ -207,7 +220,7 @@ class ClaudeCodeExecutor:
 
     async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any,
                         stderr: collections.deque[str]) -> ExecutionResult:
-        session_id = request.resume_session_id
+        session_id = options.resume
         earlier = request.resume_usage or Usage()
         billed: dict[str, Usage] = {}  # this run's API calls so far, by message id
         texts: list[str] = []
@@ -250,8 +263,11 @@ class ClaudeCodeExecutor:
         # The result's tokens are this run's, its cost the whole session's (a resumed
         # session included): add the tokens earlier tries of the session were billed
         # so both cover the same calls.
-        usage = (earlier + _tokens(result.usage or {})).model_copy(
-            update={"cost_usd": round(float(result.total_cost_usd or 0.0), 6)})
+        cost = round(float(result.total_cost_usd or 0.0), 6)
+        if options.resume:
+            usage = (earlier + _tokens(result.usage or {})).model_copy(update={"cost_usd": cost})
+        else:  # a new session: what an earlier try's session spent comes on top
+            usage = earlier + _tokens(result.usage or {}).model_copy(update={"cost_usd": cost})
         summary = (result.result or "").strip() or (texts[-1] if texts else "")
         if result.is_error:
             summary = (f"Claude Code reported an error ({result.subtype}): {summary}"
@@ -281,6 +297,30 @@ def session_home(worktree: Path) -> Path:
     """Claude Code's HOME for one attempt: next to its worktree (never inside it,
     where it would be committed), kept until the attempt's run ends with a result."""
     return worktree.parent / ".claude-homes" / worktree.name
+
+
+def session_file(worktree: Path, session_id: str) -> Path:
+    """Where Claude Code keeps a session started in `worktree`: one folder per
+    working directory under its config folder (CLAUDE_CONFIG_DIR, else the
+    attempt's home's `.claude`)."""
+    config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or session_home(worktree) / ".claude")
+    project = "".join(c if c.isalnum() else "-" for c in str(worktree))
+    return config / "projects" / project / f"{session_id}.jsonl"
+
+
+def adopt_session(session_id: str, previous: Path | None, worktree: Path) -> bool:
+    """Make session `session_id`, started in `previous`, resumable in `worktree`
+    (every try of an attempt has a directory of its own). False when this machine
+    has no file of it."""
+    target = session_file(worktree, session_id)
+    if target.is_file():
+        return True
+    source = session_file(previous, session_id) if previous is not None else None
+    if source is None or not source.is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return True
 
 
 def _confined_cli(cli: str, request: ExecutionRequest, scratch: Path,
