@@ -54,7 +54,6 @@ from makima.executors import ExecutionRequest, Executor, Progress, executor_for
 from makima.git import (
     GitRepository,
     MissingBranch,
-    directive_lock,
     makima_home,
     safe_path_component,
 )
@@ -152,6 +151,7 @@ class ExecutionActivities:
         async with self._alive():
             repo = await self._open(input.repository)
             branch = integration_branch(input.directive_id)
+            await repo.refuse_unusable(branch, input.repository.base_branch)
             async with repo.lock():
                 base = await repo.ensure_integration_branch(branch, input.repository.base_branch)
             return PrepareOutput(integration_branch=branch, base_commit=base,
@@ -295,16 +295,13 @@ class ExecutionActivities:
                 head = await repo.branch_head(target)
                 return MergeOutput(merged=True, commit=head, message=(
                     f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"))
-            async with directive_lock(self.home, input.directive_id), repo.lock():
-                await repo.fetch_branch(target, required=True)
+            async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
                 await repo.fetch_branch(input.branch)
                 if await repo.resolve(input.commit) is None:
                     raise MissingBranch(f"commit {input.commit} of step {input.step} is not in the "
                                         f"repository (branch {input.branch})")
-                result = await repo.merge(target, input.commit, (
+                result = await repo.publish_merge(target, input.commit, (
                     f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
-                if result.merged:
-                    await repo.push_branch(target)
             if not result.merged:
                 files = ", ".join(result.conflict_files) or "(git named no file)"
                 return MergeOutput(merged=False, commit=result.head,
@@ -336,7 +333,7 @@ class ExecutionActivities:
                 if repo is not None:
                     removed |= await repo.remove_worktree(path)
                 elif path.exists():
-                    shutil.rmtree(path, ignore_errors=True)
+                    await asyncio.to_thread(shutil.rmtree, path, True)
                     removed = True
             return CleanupOutput(removed=removed)
 
@@ -345,7 +342,7 @@ class ExecutionActivities:
     async def complete_directive(self, input: CompleteInput) -> CompleteOutput:
         async with self._alive():
             repo = await self._open(input.spec.repository)
-            async with directive_lock(self.home, input.directive_id), repo.lock():
+            async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
                 await repo.fetch_branch(input.integration_branch)
                 return await complete(repo, input)
 

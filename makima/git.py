@@ -8,10 +8,19 @@ Merges never touch a working tree: the merged tree is computed with
 compare-and-swap `update-ref`, so a user's checkout of the repository is left
 alone and two workers merging at once cannot lose a merge.
 
-A repository given by `path` is used in place. One given by `url` is cloned
-(bare) once per worker into `<home>/repos/<hash>`, fetched on reuse, and every
-branch makima writes is pushed back to that remote, which stays the source of
-truth (another worker may run the next step).
+A repository given by `path` is used in place (single machine: every worker
+must see that path). One given by `url` is cloned (bare) once per worker into
+`<home>/repos/<hash>`, fetched on reuse, and every branch makima writes is
+pushed back to that remote, which stays the source of truth (another worker,
+on another machine, may run the next step). Publishing a merge to the remote
+is a compare-and-swap loop (`publish_merge`) that never fails because another
+worker merged first.
+
+Locks are `flock` files next to the repository's objects (in its git
+directory), so every process using the repository, whatever its MAKIMA_HOME,
+takes the same lock. Worktrees are removed one by one, by path: never a global
+`git worktree prune`, which would unregister every worktree this process cannot
+see (another worker's, another container's) from a shared repository.
 
 Not here: Temporal (see activities/execution.py) and executors.
 """
@@ -168,19 +177,9 @@ async def file_lock(path: Path) -> AsyncIterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-_locks: dict[str, asyncio.Lock] = {}
-
-
-@contextlib.asynccontextmanager
-async def directive_lock(home: Path, directive_id: str) -> AsyncIterator[None]:
-    """Serialise writes to one directive's integration branch: an asyncio lock for
-    tasks of this worker, a file lock for other workers sharing MAKIMA_HOME (and the
-    compare-and-swap update-ref for everything else)."""
-    key = f"{home}:{directive_id}"
-    lock = _locks.setdefault(key, asyncio.Lock())
-    async with lock:
-        async with file_lock(home / "locks" / f"{safe_path_component(directive_id)}.lock"):
-            yield
+async def _remove_tree(path: Path) -> None:
+    """`rm -rf`, off the event loop (a big worktree takes seconds)."""
+    await asyncio.to_thread(shutil.rmtree, path, True)
 
 
 # --------------------------------------------------------------------------- the repository
@@ -202,6 +201,7 @@ class GitRepository:
         self.path = path
         self.home = home
         self.pushes = pushes
+        self._git_dir: Path | None = None
 
     # -- opening
     @classmethod
@@ -224,7 +224,7 @@ class GitRepository:
         async with file_lock(home / "locks" / f"repo-{digest}.lock"):
             if not (path / "HEAD").exists():
                 if path.exists():
-                    shutil.rmtree(path)  # a clone that died half-way
+                    await _remove_tree(path)  # a clone that died half-way
                 path.parent.mkdir(parents=True, exist_ok=True)
                 result = await git("clone", "--bare", "--quiet", url, str(path),
                                    cwd=path.parent, check=False)
@@ -232,11 +232,23 @@ class GitRepository:
                     raise GitError(f"cannot clone {url}: {result.stderr.strip()[-1000:]}")
         return cls(path, home, pushes=True)
 
-    def lock(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """Serialise ref and worktree bookkeeping on this repository (concurrent
-        fetches and `worktree add`s into one repository trip over git's own locks)."""
-        return directive_lock(self.home, "repo-" + hashlib.sha256(
-            str(self.path).encode()).hexdigest()[:16])
+    async def git_dir(self) -> Path:
+        """The repository's own git directory (shared by all its worktrees)."""
+        if self._git_dir is None:
+            result = await self.run("rev-parse", "--path-format=absolute", "--git-common-dir")
+            self._git_dir = Path(result.stdout.strip())
+        return self._git_dir
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str = "repository") -> AsyncIterator[None]:
+        """An exclusive lock on this repository for every process that uses it.
+
+        The default serialises ref and worktree bookkeeping (concurrent fetches and
+        `worktree add`s into one repository trip over git's own locks); `name` gives
+        a lock of its own, such as one directive's integration branch."""
+        folder = await self.git_dir() / "makima-locks"
+        async with file_lock(folder / f"{safe_path_component(name)}.lock"):
+            yield
 
     async def run(self, *args: str, check: bool = True, cwd: Path | None = None,
                   env: Mapping[str, str] | None = None) -> GitResult:
@@ -298,6 +310,18 @@ class GitRepository:
         return [line for line in result.stdout.split() if line]
 
     # -- integration branch
+    async def refuse_unusable(self, branch: str, base_branch: str) -> None:
+        """Refuse, before anything is written (a lock file included), an integration
+        branch name git refuses or a missing base branch (a `url` repository's base
+        branch is checked after its fetch, in `ensure_integration_branch`)."""
+        await self.check_branch_name(branch)
+        if not self.pushes and await self.branch_head(base_branch) is None:
+            raise self._missing_base(base_branch)
+
+    def _missing_base(self, base_branch: str) -> MissingBranch:
+        return MissingBranch(f"base branch {base_branch!r} does not exist in {self.path}"
+                             " (set repository.base_branch to an existing branch)")
+
     async def ensure_integration_branch(self, branch: str, base_branch: str) -> str:
         """Create `branch` from `base_branch` unless it exists (a retry must neither fail
         nor move it). Returns the base branch's commit."""
@@ -305,9 +329,7 @@ class GitRepository:
         await self.fetch_branch(base_branch, required=True)
         base = await self.branch_head(base_branch)
         if base is None:
-            raise MissingBranch(
-                f"base branch {base_branch!r} does not exist in {self.path}"
-                " (set repository.base_branch to an existing branch)")
+            raise self._missing_base(base_branch)
         if await self.branch_head(branch) is None:
             await self.fetch_branch(branch)  # another worker may have created it already
         if await self.branch_head(branch) is None:
@@ -331,13 +353,18 @@ class GitRepository:
         return path
 
     async def remove_worktree(self, path: Path) -> bool:
-        """Remove a worktree (idempotent); True when there was one."""
+        """Remove the worktree at `path` and its registration, and nothing else
+        (idempotent); True when there was one."""
         existed = _exists(path)
         if existed:
             await self.run("worktree", "remove", "--force", "--force", str(path), check=False)
             if _exists(path):
-                shutil.rmtree(path, ignore_errors=True)
-        await self.run("worktree", "prune", check=False)
+                await _remove_tree(path)
+        # A folder deleted by other means leaves its registration behind: drop that
+        # one registration (what `git worktree prune` would do for every worktree).
+        admin = await self.git_dir() / "worktrees"
+        for registration in await asyncio.to_thread(_registrations_of, admin, path):
+            await _remove_tree(registration)
         return existed
 
     # -- attempts
@@ -422,6 +449,33 @@ class GitRepository:
                 return MergeResult(True, merged, [])
         raise GitError(f"could not merge into {target}: it kept moving under concurrent merges")
 
+    async def publish_merge(self, target: str, source_commit: str, message: str) -> MergeResult:
+        """Merge `source_commit` into `target` and, for a `url` repository, into the
+        remote's `target`: a compare-and-swap loop (fetch, merge, push with
+        `--force-with-lease` on the fetched head) that goes round again whenever
+        another worker moved the remote first, and fails only when the remote stops
+        moving yet still refuses the push."""
+        refused = 0
+        while True:
+            await self.fetch_branch(target, required=True)
+            expected = await self.branch_head(target)
+            result = await self.merge(target, source_commit, message)
+            if not result.merged or not self.pushes or result.head == expected:
+                return result
+            push = await self.run(
+                "push", "--quiet", f"--force-with-lease=refs/heads/{target}:{expected}",
+                REMOTE, f"{result.head}:refs/heads/{target}", check=False)
+            if push.code == 0:
+                return result
+            await self.fetch_branch(target, required=True)
+            if await self.branch_head(target) != expected:
+                refused = 0  # another worker merged first: merge again on top of theirs
+                continue
+            refused += 1
+            if refused >= 3:
+                raise GitError(f"the remote refuses the merge into {target}: "
+                               f"{push.stderr.strip()[-1000:]}")
+
     async def checked_out_in(self, branch: str) -> Path | None:
         """The worktree (the main one included) that has `branch` checked out, if any."""
         result = await self.run("worktree", "list", "--porcelain", check=False)
@@ -432,6 +486,22 @@ class GitRepository:
             elif line == f"branch refs/heads/{branch}" and current is not None:
                 return current
         return None
+
+
+def _registrations_of(admin: Path, worktree: Path) -> list[Path]:
+    """git's bookkeeping folders (`<git dir>/worktrees/<name>`) of the worktree at
+    `worktree` whose folder is gone."""
+    if not admin.is_dir():
+        return []
+    found = []
+    for registration in admin.iterdir():
+        try:
+            gitdir = (registration / "gitdir").read_text().strip()
+        except OSError:
+            continue
+        if Path(gitdir).parent == worktree and not Path(gitdir).exists():
+            found.append(registration)
+    return found
 
 
 @dataclass

@@ -462,3 +462,26 @@ async def test_git_activities_heartbeat_while_they_run(acts: ExecutionActivities
                                                    step="none"))
     assert beats, "cleanup_step sent no heartbeat"
     assert out.integration_branch == f"makima/{DIRECTIVE}"
+
+
+async def test_concurrent_merges_into_one_remote_all_succeed_first_time(
+        repo: Path, tmp_path: Path) -> None:
+    """Six workers (own homes, own clones) merge six steps into one remote at once:
+    each merge_step succeeds on its first try, however often another pushed first."""
+    remote = tmp_path / "remote.git"
+    sh("git", "clone", "--bare", "--quiet", str(repo), str(remote), cwd=tmp_path)
+    repository = Repository(url=str(remote))
+    spec = spec_for(repository)
+    workers = [ExecutionActivities(tmp_path / f"home{i}", heartbeat_interval=0.5)
+               for i in range(6)]
+    integration = await prepare(workers[0], repository)
+    done = [await execute(w, spec, integration, f"s{i}", f"echo {i} > f{i}.txt")
+            for i, w in enumerate(workers)]
+
+    merged = await asyncio.gather(*(
+        merge(w, repository, integration, out, f"s{i}")
+        for i, (w, out) in enumerate(zip(workers, done, strict=True))))
+
+    assert all(m.merged for m in merged), [m.message for m in merged]
+    for i in range(6):
+        assert show(remote, integration, f"f{i}.txt") == str(i)

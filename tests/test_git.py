@@ -126,3 +126,40 @@ async def test_a_background_child_left_behind_does_not_hang_the_command(tmp_path
     finally:
         if _alive(child):
             os.kill(child, 9)
+
+
+async def test_removing_a_worktree_leaves_worktrees_this_worker_cannot_see_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker's live worktree, in a home this worker cannot see, stays a
+    worktree when this worker removes its own (a global prune would unregister it)."""
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    theirs = GitRepository(repo_path, tmp_path / "their-home")
+    ours = GitRepository(repo_path, tmp_path / "our-home")
+    their_worktree = await theirs.add_worktree(tmp_path / "their-home" / "wt", "main")
+    our_worktree = await ours.add_worktree(tmp_path / "our-home" / "wt", "main")
+    hidden = tmp_path / "elsewhere"
+    their_worktree.parent.rename(hidden)  # as seen from our machine: no such folder
+
+    assert await ours.remove_worktree(our_worktree)
+
+    hidden.rename(their_worktree.parent)
+    assert sh("git", "status", "--porcelain", cwd=their_worktree) == ""
+    assert not our_worktree.exists()
+    listed = sh("git", "worktree", "list", "--porcelain", cwd=repo_path)
+    assert f"worktree {their_worktree}" in listed and str(our_worktree) not in listed
+
+
+async def test_a_worktree_folder_deleted_by_hand_loses_only_its_registration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    gone = await repo.add_worktree(tmp_path / "home" / "gone", "main")
+    kept = await repo.add_worktree(tmp_path / "home" / "kept", "main")
+    sh("rm", "-rf", str(gone), cwd=tmp_path)
+
+    assert not await repo.remove_worktree(gone)
+
+    listed = sh("git", "worktree", "list", "--porcelain", cwd=repo_path)
+    assert str(gone) not in listed and f"worktree {kept}" in listed
