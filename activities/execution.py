@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -55,10 +54,10 @@ from makima.git import (
     GitRepository,
     MissingBranch,
     makima_home,
-    safe_path_component,
 )
 from makima.models import Repository, Usage
 from makima.process import truncate_tail
+from makima.workspace import Workspace, is_inside_worktrees, step_folders
 
 #: Seconds between heartbeats of a running attempt. Cheap: the SDK throttles what it
 #: sends (worker option max_heartbeat_throttle_interval), and a cancel is noticed only
@@ -95,15 +94,6 @@ def _previous_try(details: Any, start: str) -> str:
     return (f"{done}Its work was not saved; the worktree starts again from commit "
             f"{start[:12]}. Do the step's whole task.")
 
-
-def _try_folder(repo: GitRepository, directive_id: str, step: str, attempt: int,
-                try_number: int) -> Path:
-    return repo.worktree_path(directive_id, f"{step}-a{attempt}-t{try_number}")
-
-
-def _attempt_folders(step: str) -> re.Pattern[str]:
-    """The folder names of every try of every attempt of `step`."""
-    return re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+-t\d+$")
 
 
 class ExecutionActivities:
@@ -172,9 +162,10 @@ class ExecutionActivities:
         repo = await self._open(input.spec.repository)
         # A directory of its own for every try: a try that was cut off may still have a
         # process writing into its directory (until its worker's death reaches it).
-        try_number = info.attempt
-        worktree = _try_folder(repo, input.directive_id, step, input.attempt, try_number)
-        previous = _try_folder(repo, input.directive_id, step, input.attempt, try_number - 1)
+        workspace = Workspace(self.home, input.directive_id, step, input.attempt, info.attempt)
+        worktree = workspace.path
+        previous_workspace = workspace.previous_try()
+        previous = previous_workspace.path if previous_workspace else None
         resume_session_id = _session_from_heartbeat(info.heartbeat_details)
         previous_try = ""
         async with repo.lock():
@@ -190,14 +181,14 @@ class ExecutionActivities:
                 await repo.fetch_branch(branch)
                 start = await repo.branch_head(branch) or integration_head
             conflicts: list[str] = []
-            if try_number > 1 and resume_session_id and _exists(previous / ".git"):
+            if previous and resume_session_id and _exists(previous / ".git"):
                 # Resuming an agent session here: it expects the files it wrote so far
                 # (caught up with the integration branch already, by that try).
                 start = await repo.commit_attempt(previous, commit_message(
-                    input.directive_id, step, input.attempt, f"interrupted try {try_number - 1}"))
+                    input.directive_id, step, input.attempt, f"interrupted try {info.attempt - 1}"))
                 await repo.add_worktree(worktree, start)
             else:
-                if try_number > 1:
+                if previous:
                     resume_session_id = None
                     previous_try = _previous_try(info.heartbeat_details, start)
                 await repo.add_worktree(worktree, start)
@@ -206,7 +197,7 @@ class ExecutionActivities:
                                                 input.integration_branch)
 
         # what earlier tries of this attempt were billed (resumed or not, it was spent)
-        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if try_number > 1 else None
+        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if previous else None
         progress = Progress(session_id=resume_session_id, usage=resume_usage)
         heartbeat = _Heartbeat(step, input.attempt, started, progress)
         request = ExecutionRequest(
@@ -252,8 +243,8 @@ class ExecutionActivities:
         async with self._alive():
             repo = await self._open(input.spec.repository)
             branch = step_branch(input.directive_id, input.step)
-            worktree = _try_folder(repo, input.directive_id, input.step, input.attempt,
-                                   activity.info().attempt if activity.in_activity() else 1)
+            worktree = Workspace(self.home, input.directive_id, input.step, input.attempt,
+                                 activity.info().attempt if activity.in_activity() else 1).path
             async with repo.lock():
                 await repo.fetch_branch(branch)
                 await repo.fetch_branch(input.integration_branch, required=True)
@@ -274,8 +265,7 @@ class ExecutionActivities:
                                       branch: str, head: str) -> str:
         """Attempt worktrees are detached, so a person who committed a fix inside one
         left the step branch behind; move the branch forward to such a commit."""
-        folder = self.home / "worktrees" / safe_path_component(directive_id)
-        for path in _matching_folders(folder, _attempt_folders(step)):
+        for path in step_folders(self.home, directive_id, step):
             result = await repo.run("rev-parse", "HEAD", cwd=path, check=False)
             candidate = result.stdout.strip()
             if (result.code == 0 and candidate and candidate != head
@@ -321,12 +311,11 @@ class ExecutionActivities:
                 repo: GitRepository | None = await self._open(input.repository)
             except MakimaError:
                 repo = None  # the repository is gone: its worktrees are plain folders now
-            folder = self.home / "worktrees" / safe_path_component(input.directive_id)
-            candidates = _matching_folders(folder, _attempt_folders(input.step))
+            candidates = step_folders(self.home, input.directive_id, input.step)
             if input.worktree:
                 given = _absolute(input.worktree)
                 # Only ever delete inside makima's own folder.
-                if self.home / "worktrees" in given.parents and given not in candidates:
+                if is_inside_worktrees(self.home, given) and given not in candidates:
                     candidates.append(given)
             removed = False
             for path in candidates:
@@ -354,12 +343,6 @@ async def _catch_up(repo: GitRepository, worktree: Path, integration_head: str,
     conflict is left there, markers included, for the agent. Returns its files."""
     return await repo.merge_into_worktree(
         worktree, integration_head, f"makima: merge {integration_branch} into the step's work")
-
-
-def _matching_folders(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [path for path in folder.iterdir() if pattern.match(path.name)]
 
 
 def _exists(path: Path) -> bool:

@@ -338,10 +338,6 @@ class GitRepository:
         return base
 
     # -- worktrees
-    def worktree_path(self, directive_id: str, name: str) -> Path:
-        return self.home / "worktrees" / safe_path_component(directive_id) / safe_path_component(
-            name)
-
     async def add_worktree(self, path: Path, commit: str) -> Path:
         """A fresh detached worktree at `commit`, replacing whatever was at `path`.
 

@@ -26,10 +26,10 @@ from temporalio.testing import ActivityEnvironment
 from activities.execution import ExecutionActivities
 from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput
 from makima.executors.base import ExecutorSetupError
-from makima.executors.claude_code import STEP_INSTRUCTIONS, claude_code_preflight
+from makima.executors.claude_code import STEP_INSTRUCTIONS, claude_code_preflight, session_home
 from makima.executors.model_proxy import PLACEHOLDER_KEY
-from makima.git import safe_path_component
 from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
+from makima.workspace import Workspace
 from tests.fakes.repos import make_repo, set_identity, show
 from tests.messages_server import MessagesServer, ReceivedRequest, Reply, text_reply, tool_reply
 from tests.test_sandbox import Target, target  # noqa: F401 (the fixture)
@@ -81,7 +81,7 @@ async def run_step(home: Path, repository: Repository, step: str, server: Messag
 
 
 def worktree_of(home: Path, step: str) -> Path:
-    return home / "worktrees" / safe_path_component(DIRECTIVE) / f"{step}-a1-t1"
+    return Workspace(home, DIRECTIVE, step, attempt=1).path
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ async def test_the_real_cli_streams_writes_a_file_and_keeps_the_key_outside(
     # the model API saw the worker's key; the CLI only ever had the placeholder
     assert {r.headers.get("x-api-key") for r in messages_server.requests} == {api}
     assert PLACEHOLDER_KEY not in json.dumps([r.headers for r in messages_server.requests])
-    assert not (worktree_of(home, "write").parent / ".claude-homes" / "write-a1-t1").exists()
+    assert not session_home(worktree_of(home, "write")).exists()
 
 
 async def test_a_claude_code_bash_command_cannot_escape(

@@ -1,0 +1,63 @@
+"""Where an attempt lives: a `Workspace` is one try of one step attempt, on one
+worker, in one folder. Nothing else builds worktree paths.
+
+    $MAKIMA_HOME/worktrees/<directive>/<step>-a<attempt>-t<try>
+
+Every try has a folder of its own: a try that was cut off may still have a
+process writing into its folder until its worker's death reaches it, so no
+later try ever works there. The folder is on the worker that ran the try; the
+attempt's evaluate, merge and cleanup go to that worker (its own task queue,
+see worker.py), and a worker that is gone is replaced by a new try elsewhere,
+from what was pushed to the step branch.
+
+Not here: git (makima.git), Temporal (activities/).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from makima.git import safe_path_component
+
+WORKTREES = "worktrees"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    home: Path
+    directive_id: str
+    step: str
+    attempt: int  # 1-based, the step's attempt (a rework is a new attempt)
+    try_number: int = 1  # 1-based, Temporal's try of that attempt's activity
+
+    @property
+    def path(self) -> Path:
+        return directive_folder(self.home, self.directive_id) / safe_path_component(
+            f"{self.step}-a{self.attempt}-t{self.try_number}")
+
+    def previous_try(self) -> Workspace | None:
+        if self.try_number <= 1:
+            return None
+        return Workspace(self.home, self.directive_id, self.step, self.attempt,
+                         self.try_number - 1)
+
+
+def directive_folder(home: Path, directive_id: str) -> Path:
+    return home / WORKTREES / safe_path_component(directive_id)
+
+
+def step_folders(home: Path, directive_id: str, step: str) -> list[Path]:
+    """The folders of every try of every attempt of `step` on this worker."""
+    folder = directive_folder(home, directive_id)
+    pattern = re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+-t\d+$")
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir() if pattern.match(path.name)]
+
+
+def is_inside_worktrees(home: Path, path: Path) -> bool:
+    """Whether `path` lies in makima's own worktree folder (the only place cleanup
+    may delete)."""
+    return home / WORKTREES in path.parents
