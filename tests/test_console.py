@@ -92,6 +92,12 @@ def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sampl
     assert status == 400 and answer["message"] == "name at least one budget to raise"
     status, answer = post(f"{base}/frobnicate", {})
     assert status == 404 and "unknown action 'frobnicate'" in answer["message"]
+    status, answer = post(f"{base}/pause", {})
+    assert status == 200 and answer["message"].startswith("accepted: paused")
+    status, answer = post(f"{base}/pause", {})
+    assert status == 409 and "already paused" in answer["message"]
+    status, answer = post(f"{base}/resume", {})
+    assert status == 200 and answer["message"].startswith("accepted: resumed")
 
     status, page = get(f"{dev_stack.console_url}/directives/{directive_id}")
     assert status == 200 and "awaiting_approval" in page and "Approve attempt 1" in page

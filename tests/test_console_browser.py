@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +110,11 @@ def test_a_person_reviews_and_decides_in_the_browser(dev_stack: RunningDev, cons
         {"name": "risky", "command": "echo 'rm -rf /' > risky.sh"}])
     wait_waiting(dev_stack, approve_me)
     wait_waiting(dev_stack, deny_me)
+    # users are configured: nobody gets in without a name and token
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(console + "/", timeout=10)
+    assert refused.value.code == 401
+    assert refused.value.headers["WWW-Authenticate"] == 'Basic realm="makima"'
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=browser_path,
