@@ -4,7 +4,8 @@ For each directive that ended (completed, failed, stopped) longer ago than
 `older_than`, in its local repository (`repository.path`; `url` directives are
 skipped, their branches live on the remote):
 - every step branch `makima/<id>--steps/<step>` and the worktrees that have one
-  checked out (`git worktree remove --force`, then `git worktree prune`);
+  checked out (`git worktree remove --force` by path; never a global prune, which
+  would touch worktrees of other directives);
 - the integration branch `makima/<id>` when the directive did not complete and
   the branch holds no commit beyond the base branch (it failed before any work);
 - a completed directive's integration branch only with `integration=True`
@@ -96,8 +97,6 @@ async def clean_directive(row: dict[str, Any], *, integration: bool,
             result.removed.append(f"branch {branch}")
             if not dry_run:
                 await git("branch", "-D", branch, cwd=repo)
-        if not dry_run:
-            await git("worktree", "prune", cwd=repo)
         branch = row["integration_branch"] or f"makima/{directive_id}"
         if await _branches(repo, branch):
             ahead = await git("rev-list", "--count", f"{row['base']}..{branch}", cwd=repo,
