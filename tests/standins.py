@@ -55,6 +55,8 @@ from makima.models import (
 from workflows.directive import DirectiveWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
+#: The gate name that holds the completion activity (step names cannot contain '<').
+COMPLETION_GATE = "<completion>"
 
 
 def plan_of(*steps: tuple[str, list[str]]) -> Plan:
@@ -102,6 +104,17 @@ class StandIns:
     #: While set, batches of events the directive itself records wait (its drain is held).
     hold_directive_records: bool = False
     plan_cost: float = 0.01
+    evaluate_cost: float = 0.0
+    #: Per step name: seconds its execute takes (heartbeating), for timing-controlled tests.
+    delays: dict[str, float] = field(default_factory=dict)
+    #: When set, answers every plan request (instead of `plans`), e.g. per directive.
+    planner: Callable[[PlanInput], Plan] | None = None
+    #: Per directive id: what the stand-ins billed in calls that returned.
+    billed: dict[str, float] = field(default_factory=dict)
+
+    def bill(self, directive_id: str, cost: float) -> Usage:
+        self.billed[directive_id] = round(self.billed.get(directive_id, 0.0) + cost, 6)
+        return Usage(cost_usd=cost)
 
     def gate(self, step: str) -> Gate:
         return self.gates.setdefault(step, Gate())
@@ -134,12 +147,15 @@ class StandIns:
         @activity.defn(name=ActivityName.PLAN_DIRECTIVE.value)
         async def plan_directive(input: PlanInput) -> PlanOutput:
             s.calls.append((ActivityName.PLAN_DIRECTIVE.value, input))
+            if s.planner is not None:
+                return PlanOutput(plan=s.planner(input), usage=s.bill(input.directive_id,
+                                                                      s.plan_cost))
             if not s.plans:
                 raise ApplicationError("stand-in planner has no plan left", non_retryable=True)
             reply = s.plans.pop(0)
             if isinstance(reply, Exception):
                 raise reply
-            return PlanOutput(plan=reply, usage=Usage(cost_usd=s.plan_cost))
+            return PlanOutput(plan=reply, usage=s.bill(input.directive_id, s.plan_cost))
 
         @activity.defn(name=ActivityName.EXECUTE_STEP.value)
         async def execute_step(input: ExecuteInput) -> ExecuteOutput:
@@ -149,6 +165,11 @@ class StandIns:
                 s.overlaps.add(frozenset({name, other}))
             s.running.add(name)
             try:
+                delay = s.delays.get(name, 0.0)
+                while delay > 0:
+                    activity.heartbeat("working")
+                    await asyncio.sleep(min(delay, 0.05))
+                    delay -= 0.05
                 gate = s.gates.get(name)
                 if gate is not None:
                     gate.reached.set()
@@ -167,7 +188,7 @@ class StandIns:
                 success=True, exit_code=0, branch=f"makima/{input.directive_id}--steps/{name}",
                 commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
                 changed_files=[f"{name}.txt"], output_tail=f"did {name}",
-                usage=Usage(cost_usd=s.execute_cost))
+                usage=s.bill(input.directive_id, s.execute_cost))
 
         @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
         async def checkout_step(input: CheckoutInput) -> ExecuteOutput:
@@ -186,7 +207,7 @@ class StandIns:
                 confidence=Confidence.GREEN if green else Confidence.RED,
                 summary=f"{input.step.name} scored {score}",
                 rework_instructions="" if green else f"fix {input.step.name} (was {score})",
-                evaluator="stand-in")
+                evaluator="stand-in", usage=s.bill(input.directive_id, s.evaluate_cost))
 
         @activity.defn(name=ActivityName.MERGE_STEP.value)
         async def merge_step(input: MergeInput) -> MergeOutput:
@@ -205,6 +226,12 @@ class StandIns:
         @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)
         async def complete_directive(input: CompleteInput) -> CompleteOutput:
             s.calls.append((ActivityName.COMPLETE_DIRECTIVE.value, input))
+            gate = s.gates.get(COMPLETION_GATE)
+            if gate is not None:
+                gate.reached.set()
+                while not gate.opened.is_set():
+                    activity.heartbeat("waiting at the gate")
+                    await asyncio.sleep(0.05)
             return CompleteOutput(completion="branch", message="left for review")
 
         @activity.defn(name=ActivityName.RECORD_EVENTS.value)

@@ -25,6 +25,7 @@ from makima.models import (
     StopRequest,
 )
 from tests.standins import (
+    COMPLETION_GATE,
     StandIns,
     plan_of,
     save_history,
@@ -269,3 +270,73 @@ async def test_update_goal_says_it_waits_for_the_approval_and_status_shows_it(
     assert "step 'a'" in shown.pending_goal_waits_for
     assert result.status is DirectiveStatus.COMPLETED and result.pending_goal is None
     assert stand.called(PLAN)[1].spec.goal == "a better goal"
+
+
+async def test_every_message_type_across_continue_as_new(
+        client: Client, task_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One directive steered with every signal and update, continuing as new on the
+    way (a low checkpoint threshold and a goal change): recorded as the `messages`
+    replay fixtures, and every command's effect is visible at the end."""
+    import makima.constants
+
+    monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
+    stand = StandIns(scores={"a": [0.6], "b": [0.6, 0.95]})
+    stand.plans = [plan_of(("d", []))]
+    spec = spec_of(("a", []), ("b", ["a"]), ("c", ["b"]), planner="llm",
+                   budgets={"max_cost_usd": 10.0})
+    gate_c, gate_d = stand.gate("c"), stand.gate("d")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await client.start_workflow(
+            DirectiveWorkflow.run, spec, id=new_id(), task_queue=task_queue, start_signal="pause")
+        await wait_until(handle, lambda s: s.status is DirectiveStatus.PAUSED)
+        await handle.signal(DirectiveWorkflow.raise_budget, BudgetRaise(max_cost_usd=20.0))
+        await handle.signal(DirectiveWorkflow.resume)
+        waiting = await wait_until(handle, lambda s: bool(s.pending_approvals))
+        await handle.signal(DirectiveWorkflow.approve, ApprovalDecision(
+            step="a", by="al", attempt=waiting.pending_approvals[0].attempt))
+        await wait_until(handle, lambda s: step_status(s, "a") == "passed")
+        await handle.execute_update(DirectiveWorkflow.pause_directive)
+        await handle.execute_update(DirectiveWorkflow.resume_directive)
+        await wait_until(handle, lambda s: [p.step for p in s.pending_approvals] == ["b"])
+        await handle.execute_update(DirectiveWorkflow.reevaluate_step, StepRef(step="b"))
+        await asyncio.wait_for(gate_c.reached.wait(), 20)
+        await handle.execute_update(DirectiveWorkflow.raise_directive_budget,
+                                    BudgetRaise(max_cost_usd=30.0))
+        answer = await handle.execute_update(DirectiveWorkflow.update_directive_goal,
+                                             GoalUpdate(goal="the new goal"))
+        assert "running steps finish (c)" in answer.message
+        await handle.signal(DirectiveWorkflow.update_goal, GoalUpdate(goal="the newer goal"))
+        gate_c.opened.set()
+        await asyncio.wait_for(gate_d.reached.wait(), 20)
+        await handle.signal(DirectiveWorkflow.pause)
+        await handle.signal(DirectiveWorkflow.stop, StopRequest(reason="all tried"))
+        result = await handle.result()
+        await save_history(handle, client, "messages")
+    assert (result.status, result.reason, result.generation) == (
+        DirectiveStatus.STOPPED, "all tried", 2)
+    assert result.budgets.max_cost_usd == 30.0
+    assert stand.called(PLAN)[0].spec.goal == "the newer goal"
+    assert {s.name: s.status.value for s in result.steps} == {
+        "a": "passed", "b": "passed", "c": "passed", "d": "cancelled"}
+    assert len(stand.called(ActivityName.CHECKOUT_STEP, "b")) == 1
+
+
+async def test_no_command_is_accepted_while_the_directive_completes(
+        client: Client, task_queue: str) -> None:
+    # a stop or goal change accepted here used to be dropped: the directive ended completed
+    stand = StandIns()
+    gate = stand.gate(COMPLETION_GATE)
+    spec = spec_of(("a", []), planner="llm")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec)
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        with pytest.raises(WorkflowUpdateFailedError) as stop:
+            await handle.execute_update(DirectiveWorkflow.stop_directive, StopRequest())
+        with pytest.raises(WorkflowUpdateFailedError) as goal:
+            await handle.execute_update(DirectiveWorkflow.update_directive_goal,
+                                        GoalUpdate(goal="more"))
+        gate.opened.set()
+        result = await handle.result()
+    assert "completing: every step passed" in str(stop.value.cause)
+    assert "completing" in str(goal.value.cause)
+    assert result.status is DirectiveStatus.COMPLETED

@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from makima.constants import MAX_TEXT_IN_HISTORY
-from makima.models import Autonomy, Budgets, Confidence, Thresholds
+from makima.models import Autonomy, BudgetRaise, Budgets, Confidence, Thresholds
 from makima.policy import (
     BreakerKind,
     Decision,
+    budget_lowering,
     confidence_for,
     decide,
     failed_execution_evaluation,
@@ -241,3 +242,14 @@ def test_merge_conflict_without_file_names() -> None:
     evaluation = merge_conflict_evaluation([], "")
     assert "(unknown files)" in evaluation.summary
     assert evaluation.rework_instructions.endswith("make the checks pass again.")
+
+
+def test_budget_lowering_names_each_current_value() -> None:
+    budgets = Budgets(max_wall_time_minutes=1.0, max_rework_cycles=3)
+    assert budget_lowering(budgets, BudgetRaise(max_wall_time_minutes=2, max_rework_cycles=3)) is None
+    problem = budget_lowering(budgets, BudgetRaise(max_wall_time_minutes=0.2,
+                                                   max_rework_cycles=1, max_cost_usd=5))
+    assert problem is not None
+    assert "max_wall_time_minutes is 1.0 now; 0.2 would lower it" in problem
+    assert "max_rework_cycles is 3 now; 1 would lower it" in problem
+    assert "max_cost_usd has no limit now; 5.0 would lower it" in problem

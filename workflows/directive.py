@@ -93,6 +93,11 @@ REEVALUABLE = (StepStatus.BLOCKED, StepStatus.FAILED, StepStatus.AWAITING_APPROV
 #: outside ending the generation). Decided once per run, in `__init__`: a run that
 #: started on older code keeps the older behaviour until it continues as new.
 COMMANDS_HOLD_PATCH = "directive-commands-hold"
+#: A decision is recorded only once the step has it, and no command is accepted while the
+#: directive completes (added after COMMANDS_HOLD_PATCH had shipped).
+DELIVERED_DECISIONS_PATCH = "directive-decisions-delivered"
+#: Once every step passed and the completion runs, a command can no longer change the end.
+COMPLETING = "the directive is completing: every step passed"
 
 
 def _cause(err: BaseException) -> str:
@@ -138,7 +143,9 @@ class DirectiveWorkflow:
         self._last_status: DirectiveStatus | None = None
         self._last_visible = ""
         self._cancelling = False
+        self._completing = False
         self._commands_hold = workflow.patched(COMMANDS_HOLD_PATCH)
+        self._delivered_decisions = workflow.patched(DELIVERED_DECISIONS_PATCH)
         # a carry is only taken from the run this one continues; a start from outside
         # (the `temporal` CLI, any client) must not skip preparing and plan checks
         self._refusal = ""
@@ -510,6 +517,7 @@ class DirectiveWorkflow:
     # ================================================================== ends of a generation
 
     async def _complete(self) -> None:
+        self._completing = self._delivered_decisions
         self._log.flush()
         try:
             done = await workflow.execute_activity(
@@ -754,6 +762,8 @@ class DirectiveWorkflow:
     # ================================================================== approvals
 
     def _approval_problem(self, decision: ApprovalDecision) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}; nothing can be approved"
         state = self._steps.get(decision.step)
@@ -784,6 +794,9 @@ class DirectiveWorkflow:
     async def _decide(self, decision: ApprovalDecision, approved: bool) -> None:
         # checked again here: two decisions may pass validation in one workflow task
         self._reject_if(self._approval_problem(decision))
+        if self._delivered_decisions:
+            await self._relay_decision(decision, approved)
+            return
         pending = self._pending.pop(decision.step)
         self._decided.add(decision.step)
         self._event(EventType.APPROVAL_DECIDED,
@@ -795,6 +808,29 @@ class DirectiveWorkflow:
         if handle is not None:
             await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
                                                        comment=decision.comment))
+
+    async def _relay_decision(self, decision: ApprovalDecision, approved: bool) -> None:
+        """Hand the decision to the waiting step, and record it only once the step has
+        it: a step that ended meanwhile (stopped, cancelled) refuses the decision."""
+        # from now on a second decision, or a re-evaluation, of this step is refused
+        pending = self._pending.pop(decision.step)
+        self._decided.add(decision.step)
+        handle = self._children.get(decision.step)
+        try:
+            if handle is None:
+                raise ApplicationError("its workflow is not running")
+            await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
+                                                       comment=decision.comment))
+        except ApplicationError as err:
+            self._decided.discard(decision.step)
+            raise ApplicationError(
+                f"step {decision.step!r} ended before the decision reached it ({err.message})",
+                type="Rejected", non_retryable=True) from err
+        self._event(EventType.APPROVAL_DECIDED,
+                    f"{decision.step} {'approved' if approved else 'denied'} by {decision.by}",
+                    step=decision.step, attempt=pending.attempt, actor=decision.by,
+                    data={"approved": approved, "by": decision.by, "comment": decision.comment})
+        self._changed = True
 
     @workflow.signal(name="approve", description="Approve a step that waits (ApprovalDecision).")
     async def approve(self, decision: ApprovalDecision) -> None:
@@ -844,6 +880,8 @@ class DirectiveWorkflow:
     # ================================================================== pause, resume, stop
 
     def _pause_problem(self) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}"
         if self._user_paused:
@@ -851,6 +889,8 @@ class DirectiveWorkflow:
         return None
 
     def _resume_problem(self) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}"
         if not self._paused:
@@ -910,6 +950,8 @@ class DirectiveWorkflow:
         self._reject_if(self._resume_problem())
 
     def _stop_problem(self) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is already {self._final.value}"
         if self._stop_reason is not None:
@@ -938,6 +980,8 @@ class DirectiveWorkflow:
     # ================================================================== goal and budget
 
     def _goal_problem(self, update: GoalUpdate) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}"
         if update.plan is None and self._spec.effective_planner is PlannerKind.NONE:
@@ -993,6 +1037,8 @@ class DirectiveWorkflow:
         self._reject_if(self._goal_problem(update))
 
     def _budget_problem(self, request: BudgetRaise) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}"
         if not request.model_dump(exclude_none=True):
@@ -1032,6 +1078,8 @@ class DirectiveWorkflow:
     # ================================================================== re-evaluation
 
     def _reevaluate_problem(self, ref: StepRef) -> str | None:
+        if self._completing:
+            return COMPLETING
         if self._final is not None:
             return f"the directive is {self._final.value}"
         if self._stop_reason is not None:
