@@ -28,10 +28,14 @@ def test_every_scenario_has_a_recorded_history() -> None:
     names = {p.name.rsplit("-", 1)[0] for p in HISTORIES if "-step" not in p.name}
     expected = {"fanout", "rework", "replan", "replan-budget", "approval", "deny", "pause",
                 "stop", "cost-breaker", "wall-time", "update-goal", "invalid-plan", "reevaluate",
-                "checkpoint"}
+                "checkpoint", "messages", "messages-v1", "signal-with-start", "stop-at-generation-end",
+                "step-cancelled-outside"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}
+    # every signal and update, across continue-as-new (checkpoints and a goal change);
+    # messages-v1 was recorded under the first patch only
+    assert {"messages-1.json", "messages-2.json"} <= {p.name for p in HISTORIES}
     # and every step child, whose code the directive's own history does not replay
     assert len([p for p in HISTORIES if "-step" in p.name]) >= 20
 
@@ -42,7 +46,7 @@ def load(path: Path) -> dict:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
 async def test_recorded_history_replays(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if path.name.startswith("checkpoint-"):  # recorded with a low checkpoint threshold
+    if path.name.startswith(("checkpoint-", "messages-")):  # recorded with a low threshold
         monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
     fixture = load(path)
     history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
