@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults bench bench-caching bench-console lint unit clean sandbox-tools
+.PHONY: test test-faults fuzz bench bench-caching bench-console lint unit clean sandbox-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: lint sandbox-tools
 # Crashes, outages and runaway agents against real processes (a few minutes).
 test-faults: $(STAMP) sandbox-tools
 	$(BIN)/pytest -m faults tests/test_faults.py
+
+# The interleaving fuzzer at length: thousands of random directives steered by random
+# commands (make test runs 60 of them). A failure prints MAKIMA_FUZZ_SEED=...
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_BATCH=$${FUZZ_BATCH:-50} $(BIN)/pytest tests/test_fuzz_commands.py
 
 # Benchmarks against a local dev server: prints tables, writes bench/results/<date>.json.
 bench: $(STAMP)

@@ -1,0 +1,481 @@
+"""The interleaving fuzzer (issue 10): random directives steered by random
+commands at random moments (approve/deny with right and stale attempts, pause,
+resume, stop, raise_budget, update_goal, reevaluate, cancel or terminate of a
+step's workflow, a pause sent with the start), on a real Temporal dev server,
+with stand-in activities whose timing the script controls. After every example
+the invariants below are checked against what the stand-ins saw and against
+the workflow histories, and every history is replayed against the code.
+
+Worker restarts (FUZZ_RESTARTS=1: the workflow worker shut down and started
+again at random moments) are off by default: with them, directives of a batch
+stalled together for over a minute (a workflow task left on the sticky queue of
+the stopped worker, never moved to the normal queue), which is not diagnosed
+yet; see the README's known limits.
+
+The dev server rather than the time-skipping one: the fuzzer needs no timers,
+and the time-skipping server mishandles a cancel that races an activity's
+completion ("ACTIVITY_UNKNOWN"; the cancelled workflow then never closes),
+which is exactly the race the fuzzer provokes. It also reports a terminated
+child to its parent, which the time-skipping server does not.
+
+Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 60) in
+concurrent batches, `make fuzz` thousands. A failing example prints its seed;
+`MAKIMA_FUZZ_SEED=<seed> .venv/bin/pytest tests/test_fuzz_commands.py` runs that
+script again (alone, so its timing differs from the batch it failed in).
+
+Invariants:
+  (a) an accepted stop ends the directive stopped, and no step child is started
+      after it was accepted;
+  (b) while an accepted pause is in force, no step child is started;
+  (c) no accepted budget raise or goal change is lost;
+  (d) every directive ends, or waits for a person, within a bounded time;
+  (e) spend equals what the stand-ins billed (when nothing was cancelled mid-call);
+  (f) no workflow task failed in any run of the directive or its steps, and
+      every history replays against the workflow code;
+  (g) the audit log agrees: one decision event per accepted decision, the last
+      status event is the final status, event numbers are unique and gapless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import WorkflowTaskFailedCause
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+from temporalio.worker import Replayer, Worker
+
+from makima.contracts import EventType, PlanInput
+from makima.models import (
+    ApprovalDecision,
+    BudgetRaise,
+    DirectiveSnapshot,
+    DirectiveStatus,
+    GoalUpdate,
+    Plan,
+    PlannedStep,
+    StepRef,
+    StopRequest,
+)
+from tests.stack_fixture import DevServer
+from tests.standins import StandIns, spec_of
+from worker import build_worker
+from workflows.directive import DirectiveWorkflow
+from workflows.step import StepWorkflow
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+BATCH = int(os.environ.get("FUZZ_BATCH", "30"))
+SEED = os.environ.get("MAKIMA_FUZZ_SEED")
+RESTARTS = os.environ.get("FUZZ_RESTARTS", "0") == "1"
+SCORES = (0.95, 0.95, 0.6, 0.2)  # green is likelier, so most directives get somewhere
+ACTIONS = ("approve", "approve-stale", "deny", "pause", "resume", "stop", "raise", "goal",
+           "reevaluate", "cancel-step", "terminate-step")
+#: Workflow task failures the server causes (a workflow terminated or signalled while
+#: its task ran), not workflow code.
+NOT_WORKFLOW_CODE = {
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND,
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND,
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE,
+}
+END_WITHIN = 60.0  # real seconds for a directive to end once people stop interfering
+
+
+@dataclass
+class Script:
+    """Everything random about one example, drawn from its seed."""
+
+    seed: int
+    prefix: str
+    steps: list[tuple[str, list[str]]]
+    scores: dict[str, list[float]]
+    delays: dict[str, float]
+    max_rework_cycles: int
+    max_cost_usd: float | None
+    pause_at_start: bool
+    actions: list[tuple[float, str]]
+    replan_scores: list[float]
+
+    @classmethod
+    def from_seed(cls, seed: int) -> Script:
+        rng = random.Random(seed)
+        prefix = f"z{seed}"
+        names = [f"{prefix}-{i}" for i in range(rng.randint(1, 3))]
+        steps = [(n, [d for d in names[:i] if rng.random() < 0.5]) for i, n in enumerate(names)]
+        return cls(
+            seed=seed, prefix=prefix, steps=steps,
+            scores={n: [rng.choice(SCORES) for _ in range(3)] for n in names},
+            delays={n: rng.choice((0.0, 0.0, 0.05, 0.2)) for n in names},
+            max_rework_cycles=rng.choice((0, 1)),
+            max_cost_usd=rng.choice((None, None, 0.05)),
+            pause_at_start=rng.random() < 0.2,
+            actions=[(rng.choice((0.0, 0.01, 0.05, 0.2, 0.5)), rng.choice(ACTIONS))
+                     for _ in range(rng.randint(0, 6))],
+            replan_scores=[rng.choice(SCORES) for _ in range(4)],
+        )
+
+
+@dataclass
+class Outcome:
+    """What the driver was told was accepted."""
+
+    decisions: int = 0
+    stop: bool = False
+    raised_to: float | None = None
+    goal: str | None = None
+    cancelled_a_step: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Fuzz:
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.client = client
+        self.task_queue = task_queue
+        self.stand = StandIns(execute_cost=0.01, evaluate_cost=0.002, plan_cost=0.01)
+        self.stand.planner = self._plan
+        self.replans: dict[str, list[float]] = {}
+        self.directive_ids: dict[int, str] = {}
+
+    def _plan(self, input: PlanInput) -> Plan:
+        prefix = input.directive_id.rsplit("-", 1)[-1]
+        name = f"{prefix}-g{input.generation}-{len(input.existing_steps)}"
+        scores = self.replans.get(input.directive_id, [0.95])
+        self.stand.scores[name] = scores
+        return Plan(steps=[PlannedStep(name=name, description="re-planned", command="true")])
+
+    async def example(self, script: Script) -> None:
+        for name, scores in script.scores.items():
+            self.stand.scores[name] = scores
+        self.stand.delays.update(script.delays)
+        directive_id = f"fuzz-{uuid.uuid4().hex[:6]}-{script.prefix}"
+        self.directive_ids[script.seed] = directive_id
+        self.replans[directive_id] = script.replan_scores
+        spec = spec_of(*script.steps, planner="llm", budgets={
+            "max_rework_cycles": script.max_rework_cycles,
+            "max_cost_usd": script.max_cost_usd})
+        kwargs: dict[str, Any] = {"start_signal": "pause"} if script.pause_at_start else {}
+        handle = await self.client.start_workflow(
+            DirectiveWorkflow.run, spec, id=directive_id, task_queue=self.task_queue, **kwargs)
+        outcome = Outcome()
+        rng = random.Random(script.seed + 1)
+        for delay, action in script.actions:
+            await asyncio.sleep(delay)
+            await self._act(handle, action, outcome, rng)
+        final = await self._drive_to_an_end(handle, outcome)
+        await self._check(handle, script, outcome, final)
+
+    async def _update(self, handle: WorkflowHandle[Any, Any], update: Any, arg: Any,
+                      outcome: Outcome) -> bool:
+        """True when accepted. An update whose RPC timed out (no workflow worker while
+        it restarts) is sent again under the same id: Temporal runs it once."""
+        update_id = str(uuid.uuid4())
+        for _ in range(10):
+            try:
+                await handle.execute_update(update, arg, id=update_id)
+                return True
+            except WorkflowUpdateFailedError as err:
+                outcome.notes.append(f"refused {update.__name__}: {err.cause}")
+                return False
+            except (WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+                outcome.notes.append(f"{update.__name__} sent again after: {err}")
+        raise AssertionError(f"{update.__name__} never got an answer: {outcome.notes[-1]}")
+
+    @staticmethod
+    async def _status(handle: WorkflowHandle[Any, Any]) -> DirectiveSnapshot:
+        """The status query; retried while no workflow worker answers (a restart)."""
+        for attempt in range(10):
+            try:
+                return await handle.query(DirectiveWorkflow.status)
+            except RPCError:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _act(self, handle: WorkflowHandle[Any, Any], action: str, outcome: Outcome,
+                   rng: random.Random) -> None:
+        snap: DirectiveSnapshot = await self._status(handle)
+        if snap.status.is_final:
+            return
+        if action in ("approve", "approve-stale", "deny"):
+            if not snap.pending_approvals:
+                return
+            pending = rng.choice(snap.pending_approvals)
+            attempt = pending.attempt + (rng.choice((1, -1)) if action == "approve-stale" else 0)
+            update = DirectiveWorkflow.deny_step if action == "deny" else DirectiveWorkflow.approve_step
+            accepted = await self._update(handle, update, ApprovalDecision(
+                step=pending.step, by="fuzz", attempt=attempt), outcome)
+            assert not (accepted and action == "approve-stale"), "a stale attempt was accepted"
+            outcome.decisions += accepted
+        elif action == "pause":
+            await self._update(handle, DirectiveWorkflow.pause_directive, None, outcome)
+        elif action == "resume":
+            await self._update(handle, DirectiveWorkflow.resume_directive, None, outcome)
+        elif action == "stop":
+            outcome.stop |= await self._update(handle, DirectiveWorkflow.stop_directive,
+                                               StopRequest(reason="fuzz stop"), outcome)
+        elif action == "raise":
+            wanted = round((snap.budgets.max_cost_usd or 0.0) + 1.0, 2)
+            if snap.budgets.max_cost_usd is not None and await self._update(
+                    handle, DirectiveWorkflow.raise_directive_budget,
+                    BudgetRaise(max_cost_usd=wanted), outcome):
+                outcome.raised_to = max(outcome.raised_to or 0.0, wanted)
+        elif action == "goal":
+            goal = f"goal {rng.randint(0, 10**6)}"
+            if await self._update(handle, DirectiveWorkflow.update_directive_goal,
+                                  GoalUpdate(goal=goal), outcome):
+                outcome.goal = goal
+        elif action == "reevaluate":
+            if snap.steps and snap.status is not DirectiveStatus.PAUSED:
+                step = rng.choice(snap.steps).name
+                await self._update(handle, DirectiveWorkflow.reevaluate_step, StepRef(step=step),
+                                   outcome)
+        elif action in ("cancel-step", "terminate-step"):
+            running = [s for s in snap.steps if s.status.is_active and s.workflow_id]
+            if running:
+                with_id = rng.choice(running).workflow_id
+                assert with_id is not None
+                try:
+                    step_handle = self.client.get_workflow_handle(with_id)
+                    await (step_handle.cancel() if action == "cancel-step"
+                           else step_handle.terminate("fuzz"))
+                    outcome.cancelled_a_step = True
+                except Exception as err:  # it ended meanwhile
+                    outcome.notes.append(f"cancel of {with_id}: {err}")
+
+    async def _drive_to_an_end(self, handle: WorkflowHandle[Any, Any],
+                               outcome: Outcome) -> DirectiveSnapshot:
+        """Act like a patient person: approve what waits, raise and resume what is paused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + END_WITHIN
+        while True:
+            snap: DirectiveSnapshot = await self._status(handle)
+            if snap.status.is_final:
+                # the workflow closes once its events are written
+                with contextlib.suppress(WorkflowFailureError):
+                    await asyncio.wait_for(handle.result(), END_WITHIN)
+                return snap
+            if loop.time() > deadline:
+                raise AssertionError(
+                    f"(d) the directive neither ended nor waited for a person within "
+                    f"{END_WITHIN}s: {snap.model_dump_json()}; "
+                    f"{await self._pending_work(snap)}")
+            if snap.pending_approvals:
+                pending = snap.pending_approvals[0]
+                outcome.decisions += await self._update(
+                    handle, DirectiveWorkflow.approve_step,
+                    ApprovalDecision(step=pending.step, by="fuzz", attempt=pending.attempt),
+                    outcome)
+            elif snap.status is DirectiveStatus.PAUSED:
+                if snap.breaker and snap.budgets.max_cost_usd is not None:
+                    wanted = round(snap.budgets.max_cost_usd + 1.0, 2)
+                    if await self._update(handle, DirectiveWorkflow.raise_directive_budget,
+                                          BudgetRaise(max_cost_usd=wanted), outcome):
+                        outcome.raised_to = max(outcome.raised_to or 0.0, wanted)
+                await self._update(handle, DirectiveWorkflow.resume_directive, None, outcome)
+            await asyncio.sleep(0.1)
+
+    async def _pending_work(self, snap: DirectiveSnapshot) -> str:
+        """What the active steps' workflows wait on, for a failure message."""
+        lines = []
+        for step in snap.steps:
+            if step.status.is_active and step.workflow_id:
+                described = await self.client.get_workflow_handle(step.workflow_id).describe()
+                pending = [(a.activity_type.name, a.attempt, a.state, a.last_failure.message)
+                           for a in described.raw_description.pending_activities]
+                lines.append(f"{step.workflow_id}: {described.status} {pending}")
+        return "; ".join(lines)
+
+    @staticmethod
+    async def replay(runs: list[Any], children: list[Any]) -> dict[str, Exception]:
+        replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
+                            data_converter=pydantic_data_converter)
+        not_replayed = {}
+        for history in [*runs, *children]:
+            replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+            if replayed.replay_failure is not None:
+                not_replayed[history.workflow_id] = replayed.replay_failure
+        return not_replayed
+
+    async def keep(self, seed: int) -> Path:
+        """Write every history of the example's directive to tests/artifacts/fuzz-<seed>/."""
+        directive_id = self.directive_ids[seed]
+        # the first run: walk back from the latest along the continue-as-new chain
+        history = await self.client.get_workflow_handle(directive_id).fetch_history()
+        while True:
+            started = history.events[0].workflow_execution_started_event_attributes
+            if not started.continued_execution_run_id:
+                break
+            history = await self.client.get_workflow_handle(
+                directive_id, run_id=started.continued_execution_run_id).fetch_history()
+        handle = self.client.get_workflow_handle(directive_id, first_execution_run_id=None,
+                                                 run_id=history.run_id)
+        runs, children = await self._histories(handle)
+        kept = ARTIFACTS / f"fuzz-{seed}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for number, history in enumerate([*runs, *children]):
+            (kept / f"{number}.json").write_text(json.dumps(
+                {"workflow_id": history.workflow_id, "history": history.to_json_dict()}))
+        return kept
+
+    async def _histories(self, handle: WorkflowHandle[Any, Any]) -> tuple[list[Any], list[Any]]:
+        """Every run of the directive, in order, and every step child's history."""
+        runs, children = [], []
+        run_id: str | None = handle.first_execution_run_id or handle.run_id
+        while run_id:
+            history = await self.client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+            runs.append(history)
+            last = history.events[-1]
+            run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                      if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                      else None)
+            for event in history.events:
+                if event.HasField("child_workflow_execution_started_event_attributes"):
+                    started = event.child_workflow_execution_started_event_attributes
+                    children.append(await self.client.get_workflow_handle(
+                        started.workflow_execution.workflow_id,
+                        run_id=started.workflow_execution.run_id).fetch_history())
+        return runs, children
+
+    async def _check(self, handle: WorkflowHandle[Any, Any], script: Script, outcome: Outcome,
+                     final: DirectiveSnapshot) -> None:
+        runs, children = await self._histories(handle)
+        events = [e for run in runs for e in run.events]
+        # (f) every history replays against the workflow code (a restarted worker does so)
+        not_replayed = await self.replay(runs, children)
+        if not_replayed:
+            raise AssertionError(f"(f) histories do not replay (kept in "
+                                 f"{await self.keep(script.seed)}): {not_replayed}")
+        # (f) no workflow task failed, in the directive or any step
+        for history in [*runs, *children]:
+            failed = [e for e in history.events
+                      if e.HasField("workflow_task_failed_event_attributes")
+                      and e.workflow_task_failed_event_attributes.cause not in NOT_WORKFLOW_CODE]
+            assert not failed, f"(f) a workflow task failed in {history.workflow_id}: {failed[0]}"
+        # (a), (b): where in the directive's history children were started
+        paused = script.pause_at_start
+        stopped = False
+        for event in events:
+            if event.HasField("workflow_execution_update_accepted_event_attributes"):
+                name = event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+                if name == "pause_directive":
+                    paused = True
+                elif name == "resume_directive":
+                    paused = False
+                elif name == "stop_directive":
+                    stopped = True
+            if event.HasField("start_child_workflow_execution_initiated_event_attributes"):
+                child = event.start_child_workflow_execution_initiated_event_attributes.workflow_id
+                assert not stopped, f"(a) step {child} was started after an accepted stop"
+                assert not paused, f"(b) step {child} was started while a pause was in force"
+        if outcome.stop:
+            assert final.status is DirectiveStatus.STOPPED, f"(a) stop accepted, ended {final.status}"
+        # (c) accepted changes are kept
+        if outcome.raised_to is not None:
+            assert (final.budgets.max_cost_usd or 0) >= outcome.raised_to, "(c) a raise was lost"
+        if outcome.goal is not None and final.status is DirectiveStatus.COMPLETED:
+            plans = [p for n, p in self.stand.calls
+                     if n == "plan_directive" and p.directive_id == handle.id]
+            assert plans and plans[-1].spec.goal == outcome.goal, "(c) the goal change was lost"
+        # (e) spend
+        if not outcome.stop and not outcome.cancelled_a_step:
+            billed = self.stand.billed.get(handle.id, 0.0)
+            assert abs(final.cost_usd - billed) < 1e-6, (
+                f"(e) spend {final.cost_usd} but the stand-ins billed {billed}")
+        # (g) the audit log
+        mine = [e for e in self.stand.events if e.directive_id == handle.id]
+        decided = [e for e in mine if e.type is EventType.APPROVAL_DECIDED]
+        assert len(decided) == outcome.decisions, (
+            f"(g) {outcome.decisions} decisions accepted, {len(decided)} recorded")
+        statuses = sorted((e for e in mine if e.type is EventType.DIRECTIVE_STATUS
+                           and e.source == handle.id), key=lambda e: e.seq)
+        assert statuses and statuses[-1].data["status"] == final.status.value, "(g) last status"
+        seqs = sorted(e.seq for e in mine if e.source == handle.id)
+        assert seqs == list(range(1, len(seqs) + 1)), f"(g) directive event numbers: {seqs}"
+
+
+def workflow_worker(fuzz: Fuzz) -> Worker:
+    return build_worker(fuzz.client, fuzz.task_queue, [], graceful_seconds=5)
+
+
+async def restart_workflow_worker_now_and_then(fuzz: Fuzz, holder: list[Worker],
+                                               done: asyncio.Event, rng: random.Random) -> None:
+    """Shut the workflow worker down and start a new one (its cache empty: every
+    directive and step is replayed from its history) at random moments. Activities
+    run on a worker of their own that stays: an activity task lost with a dying
+    worker waits out its heartbeat timeout (a minute), which is retry policy, not
+    what is fuzzed here."""
+    while RESTARTS and not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), rng.uniform(1.0, 4.0))
+            return
+        await holder[0].shutdown()
+        holder[0] = workflow_worker(fuzz)
+        asyncio.create_task(holder[0].run())
+
+
+async def run_examples(client: Client, task_queue: str, seeds: list[int]) -> None:
+    fuzz = Fuzz(client, task_queue)
+    activities = Worker(client, task_queue=task_queue, activities=fuzz.stand.activities(),
+                        graceful_shutdown_timeout=timedelta(seconds=5))
+    holder = [workflow_worker(fuzz)]
+    done = asyncio.Event()
+    failures: list[str] = []
+
+    async def one(seed: int) -> None:
+        try:
+            await fuzz.example(Script.from_seed(seed))
+        except Exception as err:  # an invariant, or the driver itself: say where, with the seed
+            kept = await fuzz.keep(seed) if seed in fuzz.directive_ids else None
+            where = "" if isinstance(err, AssertionError) else "".join(
+                traceback.format_exception(err)[-6:])
+            failures.append(f"MAKIMA_FUZZ_SEED={seed}: {type(err).__name__}: {err} "
+                            f"(histories in {kept})\n{where}")
+
+    async with activities:
+        asyncio.create_task(holder[0].run())
+        restarts = asyncio.create_task(
+            restart_workflow_worker_now_and_then(fuzz, holder, done, random.Random(seeds[0])))
+        try:
+            for first in range(0, len(seeds), BATCH):
+                await asyncio.gather(*(one(s) for s in seeds[first:first + BATCH]))
+                assert not failures, "\n".join(failures)
+        finally:
+            done.set()
+            await restarts
+            await holder[0].shutdown()
+
+
+@pytest.fixture
+async def dev_client(tmp_path: Path) -> AsyncIterator[Client]:
+    with DevServer(tmp_path / "temporal") as server:  # stopped by pid, also on failure
+        yield await Client.connect(server.address, data_converter=pydantic_data_converter)
+
+
+async def test_every_accepted_command_holds_under_random_interleavings(
+        dev_client: Client, task_queue: str) -> None:
+    if SEED is not None:
+        seeds = [int(SEED)]
+    else:
+        base = random.SystemRandom().randrange(10**6)
+        seeds = [base + i for i in range(EXAMPLES)]
+    await run_examples(dev_client, task_queue, seeds)
