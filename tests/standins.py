@@ -109,6 +109,8 @@ class StandIns:
     delays: dict[str, float] = field(default_factory=dict)
     #: When set, answers every plan request (instead of `plans`), e.g. per directive.
     planner: Callable[[PlanInput], Plan] | None = None
+    #: Per step name: the execute fails after billing this much (the agent's failed turns).
+    failing_executes: dict[str, float] = field(default_factory=dict)
     #: Per directive id: what the stand-ins billed in calls that returned.
     billed: dict[str, float] = field(default_factory=dict)
 
@@ -153,6 +155,8 @@ class StandIns:
             if not s.plans:
                 raise ApplicationError("stand-in planner has no plan left", non_retryable=True)
             reply = s.plans.pop(0)
+            if isinstance(reply, ApplicationError) and reply.details:
+                s.bill(input.directive_id, reply.details[0]["usage"]["cost_usd"])
             if isinstance(reply, Exception):
                 raise reply
             return PlanOutput(plan=reply, usage=s.bill(input.directive_id, s.plan_cost))
@@ -170,6 +174,10 @@ class StandIns:
                     activity.heartbeat("working")
                     await asyncio.sleep(min(delay, 0.05))
                     delay -= 0.05
+                if name in s.failing_executes:
+                    billed = s.bill(input.directive_id, s.failing_executes[name])
+                    raise ApplicationError("the agent failed", {"usage": billed.model_dump()},
+                                           type="AgentError", non_retryable=True)
                 gate = s.gates.get(name)
                 if gate is not None:
                     gate.reached.set()

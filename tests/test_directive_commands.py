@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from makima.contracts import ActivityName, EventType
 from makima.models import (
@@ -340,3 +341,20 @@ async def test_no_command_is_accepted_while_the_directive_completes(
     assert "completing: every step passed" in str(stop.value.cause)
     assert "completing" in str(goal.value.cause)
     assert result.status is DirectiveStatus.COMPLETED
+
+
+async def test_the_spend_of_failed_calls_is_counted(client: Client, task_queue: str) -> None:
+    # gen 1: the agent of step a fails after spending 0.3; gen 2: the planner's answer
+    # never validates, after spending 0.2 (both carried as ApplicationError details)
+    stand = StandIns(failing_executes={"a": 0.3}, plan_cost=0.01)
+    stand.plans = [plan_of(("a", [])), ApplicationError(
+        "the model's submit_plan answer did not validate", {"usage": {"cost_usd": 0.2}},
+        type="LLMOutputInvalid", non_retryable=True)]
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of())
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        final = await status(handle)
+    assert "planning failed" in str(failure.value.cause)
+    assert stand.billed[handle.id] == 0.51
+    assert final.cost_usd == 0.51, "spend equals every billed call, the failed ones included"

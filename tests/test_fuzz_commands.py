@@ -114,6 +114,7 @@ class Script:
     pause_at_start: bool
     actions: list[tuple[float, str]]
     replan_scores: list[float]
+    failing: dict[str, float]  # steps whose agent fails after spending this much
 
     @classmethod
     def from_seed(cls, seed: int) -> Script:
@@ -131,6 +132,7 @@ class Script:
             actions=[(rng.choice((0.0, 0.01, 0.05, 0.2, 0.5)), rng.choice(ACTIONS))
                      for _ in range(rng.randint(0, 6))],
             replan_scores=[rng.choice(SCORES) for _ in range(4)],
+            failing={n: 0.03 for n in names if rng.random() < 0.1},
         )
 
 
@@ -166,6 +168,7 @@ class Fuzz:
         for name, scores in script.scores.items():
             self.stand.scores[name] = scores
         self.stand.delays.update(script.delays)
+        self.stand.failing_executes.update(script.failing)
         directive_id = f"fuzz-{uuid.uuid4().hex[:6]}-{script.prefix}"
         self.directive_ids[script.seed] = directive_id
         self.replans[directive_id] = script.replan_scores

@@ -23,7 +23,7 @@ from makima.models import (
     StepState,
     StepStatus,
 )
-from tests.messages_server import MessagesServer, text_reply, tool_reply, usage
+from tests.messages_server import MessagesServer, error_reply, text_reply, tool_reply, usage
 
 PLANNER_MODEL = "claude-sonnet-5-5"
 
@@ -265,3 +265,21 @@ async def test_planning_without_an_api_key_says_so() -> None:
     assert caught.value.non_retryable
     assert "ANTHROPIC_API_KEY" in caught.value.message
     assert "plan" in caught.value.message
+
+
+async def test_a_failing_correction_call_keeps_the_bill_of_the_first_answer(
+    llm: LLMClient, messages_server: MessagesServer,
+) -> None:
+    malformed = {"steps": [{"name": "todo-model", "depends_on": "nothing"}]}
+    messages_server.script(
+        tool_reply("submit_plan", malformed, used=usage(1000, 100)),
+        error_reply(529, "overloaded"),
+    )
+
+    with pytest.raises(ApplicationError) as caught:
+        await PlanningActivities(llm).plan_directive(
+            PlanInput(directive_id="d-1", spec=make_spec()))
+
+    assert not caught.value.non_retryable  # overloaded: Temporal retries
+    detail = caught.value.details[0]
+    assert detail["usage"]["input_tokens"] == 1000 and detail["usage"]["cost_usd"] > 0

@@ -79,6 +79,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.event_log import EventLog
     from workflows.step import PROGRESS_SIGNAL, StepWorkflow
+    from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage
 
 #: Kept current only when the directive was started with them (the starter sets
 #: them on clusters where they are registered; see README, "Temporal UI").
@@ -274,6 +275,8 @@ class DirectiveWorkflow:
                 try:
                     planned = await self._ask_planner(candidate, errors)
                 except ActivityError as err:
+                    if workflow.patched(COUNT_FAILED_TRIES_PATCH):  # e.g. an invalid answer
+                        self._cost = round(self._cost + billed_usage(err).cost_usd, 6)
                     self._event(EventType.PLAN_FAILED, _cause(err), severity=Severity.ERROR,
                                 data={"error": _cause(err)})
                     self._end(DirectiveStatus.FAILED, f"planning failed: {_cause(err)}")

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         merge_conflict_evaluation,
     )
     from workflows.event_log import EventLog
+    from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage
 
 PROGRESS_SIGNAL = "step_progress"
 
@@ -163,6 +164,7 @@ class StepWorkflow:
                 execution = await (self._checkout(attempt) if checkout else self._execute(attempt, rework))
             except ActivityError as err:
                 _reraise_if_cancelled(err)
+                self._count_failed_try(err)
                 return self._failed(f"the agent could not run attempt {attempt}: {_cause(err)}",
                                     "execute_step")
             checkout = False
@@ -178,6 +180,7 @@ class StepWorkflow:
                     evaluation = await self._evaluate(attempt, execution)
                 except ActivityError as err:
                     _reraise_if_cancelled(err)
+                    self._count_failed_try(err)
                     # never pass a step whose evaluation could not be made
                     return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
                                         "evaluate_step", execution)
@@ -328,6 +331,12 @@ class StepWorkflow:
             workflow.logger.warning("cleanup of %s failed: %s", i.step.name, _cause(err))
 
     # ------------------------------------------------------------------ helpers
+
+    def _count_failed_try(self, err: ActivityError) -> None:
+        """A call that failed after it was billed (a failed agent turn, an answer that
+        never validated) costs what its error says; the directive's breaker counts it."""
+        if workflow.patched(COUNT_FAILED_TRIES_PATCH):
+            self._usage += billed_usage(err)
 
     async def _unpaused(self) -> None:
         self._log.flush()

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from makima.errors import LLMFatalError
+from makima.errors import LLMFatalError, MakimaError
 from makima.llm.client import LLMClient
 from makima.llm.pricing import usage_from_api
 from makima.models import Usage
@@ -96,14 +96,20 @@ async def structured_call(
     corrections: list[str] = []
     raw_text = ""
     for call in (1, 2):
-        response = await llm.create_message(
-            model=model,
-            max_tokens=max_tokens,
-            system=system,
-            tools=[tool],
-            tool_choice={"type": "auto"},
-            messages=conversation,
-        )
+        try:
+            response = await llm.create_message(
+                model=model,
+                max_tokens=max_tokens,
+                system=system,
+                tools=[tool],
+                tool_choice={"type": "auto"},
+                messages=conversation,
+            )
+        except MakimaError as exc:
+            # the correction call failed: the first answer was billed all the same
+            if call > 1:
+                exc.usage = usage + (exc.usage or Usage())
+            raise
         usage = usage + usage_from_api(model, response.usage)
         raw_text = _raw_text(response.content)
         tool_use = next(
