@@ -50,7 +50,7 @@ bench-caching: $(STAMP)
 bench-console: $(STAMP)
 	$(BIN)/python -m bench.console
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox-tools
 	$(BIN)/python starter.py demo
 
 unit: $(STAMP)
