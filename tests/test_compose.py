@@ -68,6 +68,21 @@ def test_the_worker_scales_and_its_image_builds_from_files_that_exist(compose: d
     assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(worker["security_opt"])
 
 
+def test_the_image_runs_the_default_executor_as_a_user_with_a_home_of_its_own(
+        compose: dict) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir '.[claude]'" in dockerfile  # the default executor
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "Claude Code refuses bypass as root"
+    assert "VOLUME /var/lib/makima" in dockerfile
+    worker = compose["services"]["worker"]
+    assert worker["environment"]["MAKIMA_HOME"] == "/var/lib/makima"
+    # every replica has its own home: no named or host volume is mounted over it
+    assert not any(str(volume).split(":")[1:2] == ["/var/lib/makima"]
+                   for volume in worker.get("volumes", []))
+    assert any(str(volume).endswith(":/repos") for volume in worker["volumes"])
+
+
 def test_docker_compose_config_when_available() -> None:
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True,
