@@ -30,7 +30,7 @@ test: lint sandbox-tools
 
 # Crashes, outages and runaway agents against real processes (a few minutes).
 test-faults: $(STAMP) sandbox-tools
-	$(BIN)/pytest -m faults tests/test_faults.py
+	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py
 
 # The interleaving fuzzer at length: thousands of random directives steered by random
 # commands (make test runs 60 of them). A failure prints MAKIMA_FUZZ_SEED=...

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -65,8 +69,9 @@ log = logging.getLogger("makima.worker")
 
 
 def all_activities(llm: LLMClient | None, pool: Any, *,
-                   max_concurrent_steps: int | None = None) -> list[Callable[..., Any]]:
-    execution = ExecutionActivities()
+                   max_concurrent_steps: int | None = None,
+                   worker_queue: str = "") -> list[Callable[..., Any]]:
+    execution = ExecutionActivities(worker_queue=worker_queue)
     execution_activities = execution.activities()
     if max_concurrent_steps is not None:
         execution_activities = [
@@ -126,12 +131,18 @@ def logged_record_events(record: Callable[[RecordInput], Awaitable[RecordOutput]
     return record_events
 
 
+def worker_queue_name(queue: str) -> str:
+    """This worker's own task queue: unique per worker process, so an activity sent
+    there reaches the worker that holds an attempt's worktree, or nobody."""
+    return f"{queue}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]], *,
-                 graceful_seconds: float = 30.0) -> Worker:
+                 graceful_seconds: float = 30.0, workflows: bool = True) -> Worker:
     return Worker(
         client,
         task_queue=queue,
-        workflows=[DirectiveWorkflow, StepWorkflow, NotifyWorkflow],
+        workflows=[DirectiveWorkflow, StepWorkflow, NotifyWorkflow] if workflows else [],
         activities=activities,
         max_concurrent_activities=WORKER_ACTIVITY_SLOTS,
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
@@ -153,22 +164,30 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
     client = await connect_temporal()
     pool = await create_pool()
     llm = llm_from_env()
-    worker = build_worker(client, queue,
-                          all_activities(llm, pool, max_concurrent_steps=max_concurrent_steps),
-                          graceful_seconds=graceful_seconds)
+    own_queue = worker_queue_name(queue)
+    activities = all_activities(llm, pool, max_concurrent_steps=max_concurrent_steps,
+                                worker_queue=own_queue)
+    # the shared queue (workflows, any activity) and this worker's own (the activities
+    # of attempts whose worktree it holds)
+    workers = [build_worker(client, queue, activities, graceful_seconds=graceful_seconds),
+               build_worker(client, own_queue, activities, graceful_seconds=graceful_seconds,
+                            workflows=False)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("makima worker: task queue %s, LLM %s, at most %s steps at once", queue,
+    log.info("makima worker: task queue %s (own queue %s), LLM %s, at most %s steps at once",
+             queue, own_queue,
              "configured" if llm else "not configured (plans must be supplied)",
              max_concurrent_steps or "any number of")
     try:
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for worker in workers:
+                await running.enter_async_context(worker)
             await stop.wait()
             log.info("makima worker: stopping; running activities may finish for %g s, "
                      "then running agents are cancelled", graceful_seconds)
-            shutdown = asyncio.create_task(worker.shutdown())
+            shutdown = asyncio.ensure_future(asyncio.gather(*(w.shutdown() for w in workers)))
             done, _ = await asyncio.wait({shutdown}, timeout=graceful_seconds)
             if not done:
                 log.warning("makima worker: graceful time (%g s) is over; cancelling running "

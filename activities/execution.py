@@ -97,13 +97,16 @@ def _previous_try(details: Any, start: str) -> str:
 
 
 class ExecutionActivities:
-    """Built once per worker: `ExecutionActivities(makima_home())`."""
+    """Built once per worker: `ExecutionActivities(makima_home(), worker_queue=...)`."""
 
-    def __init__(self, home: Path | None = None, *,
+    def __init__(self, home: Path | None = None, *, worker_queue: str = "",
                  heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
                  executors: Callable[[Any], Executor] = executor_for) -> None:
         self.home = (home or makima_home()).resolve()
         self.heartbeat_interval = heartbeat_interval
+        #: this worker's own task queue, where the attempts whose worktrees it holds
+        #: are evaluated and cleaned up (worker.py)
+        self.worker_queue = worker_queue
         self.executors = executors
 
     def activities(self) -> list[Callable[..., Any]]:
@@ -235,6 +238,7 @@ class ExecutionActivities:
             session_id=result.session_id or progress.session_id,
             duration_seconds=round(time.monotonic() - started, 3),
             usage=result.usage,
+            worker_queue=self.worker_queue,
         )
 
     # ------------------------------------------------------------------ checkout
@@ -259,7 +263,8 @@ class ExecutionActivities:
             return ExecuteOutput(
                 success=True, exit_code=0, branch=branch, commit=head, worktree=str(worktree),
                 changed_files=changes.files, diff_stat=changes.diff_stat,
-                summary=f"checked out {branch} at {head[:12]} for re-evaluation")
+                summary=f"checked out {branch} at {head[:12]} for re-evaluation",
+                worker_queue=self.worker_queue)
 
     async def _adopt_worktree_commits(self, repo: GitRepository, directive_id: str, step: str,
                                       branch: str, head: str) -> str:

@@ -38,6 +38,11 @@ EVALUATE_TIMEOUT = timedelta(minutes=30)
 EVALUATE_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
 EVALUATE_RETRY_POLICY = PLAN_RETRY_POLICY
 
+#: How long an activity routed to the worker that holds an attempt's worktree
+#: (evaluate, cleanup) may wait for it: longer means that worker is gone, and the
+#: attempt's commit is checked out on another worker instead.
+WORKTREE_SCHEDULE_TO_START = timedelta(seconds=60)
+
 GIT_TIMEOUT = timedelta(minutes=10)
 #: Git activities heartbeat while they run: a worker that dies mid-merge is
 #: noticed within this, not after the whole GIT_TIMEOUT.

@@ -140,6 +140,9 @@ class ExecuteOutput(Model):
     session_id: str | None = None
     duration_seconds: float = 0.0
     usage: Usage = Field(default_factory=Usage)
+    #: The task queue of the one worker that holds `worktree` (see worker.py); its
+    #: evaluation and cleanup go there. Empty: any worker (older histories).
+    worker_queue: str = ""
 
 
 class CheckoutInput(Model):

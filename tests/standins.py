@@ -113,6 +113,10 @@ class StandIns:
     failing_executes: dict[str, float] = field(default_factory=dict)
     #: Per directive id: what the stand-ins billed in calls that returned.
     billed: dict[str, float] = field(default_factory=dict)
+    #: The worker queue each execute reports (consumed in order; then none).
+    worker_queues: list[str] = field(default_factory=list)
+    #: The task queue each evaluate and cleanup ran on.
+    ran_on: list[tuple[str, str]] = field(default_factory=list)
 
     def bill(self, directive_id: str, cost: float) -> Usage:
         self.billed[directive_id] = round(self.billed.get(directive_id, 0.0) + cost, 6)
@@ -196,7 +200,8 @@ class StandIns:
                 success=True, exit_code=0, branch=f"makima/{input.directive_id}--steps/{name}",
                 commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
                 changed_files=[f"{name}.txt"], output_tail=f"did {name}",
-                usage=s.bill(input.directive_id, s.execute_cost))
+                usage=s.bill(input.directive_id, s.execute_cost),
+                worker_queue=s.worker_queues.pop(0) if s.worker_queues else "")
 
         @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
         async def checkout_step(input: CheckoutInput) -> ExecuteOutput:
@@ -207,6 +212,7 @@ class StandIns:
         @activity.defn(name=ActivityName.EVALUATE_STEP.value)
         async def evaluate_step(input: EvaluateInput) -> Evaluation:
             s.calls.append((ActivityName.EVALUATE_STEP.value, input))
+            s.ran_on.append((ActivityName.EVALUATE_STEP.value, activity.info().task_queue))
             queue = s.scores.get(input.step.name)
             score = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else s.default_score
             green = score >= input.spec.thresholds.green
@@ -229,6 +235,7 @@ class StandIns:
         @activity.defn(name=ActivityName.CLEANUP_STEP.value)
         async def cleanup_step(input: CleanupInput) -> CleanupOutput:
             s.calls.append((ActivityName.CLEANUP_STEP.value, input))
+            s.ran_on.append((ActivityName.CLEANUP_STEP.value, activity.info().task_queue))
             return CleanupOutput(removed=True)
 
         @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)

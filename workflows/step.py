@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, CancelledError
+from temporalio.exceptions import ActivityError, CancelledError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from makima import constants as c
@@ -51,6 +51,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage
 
 PROGRESS_SIGNAL = "step_progress"
+#: Evaluate and cleanup go to the worker that holds the attempt's worktree.
+ROUTE_TO_WORKTREE = "route-to-worktree"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -58,6 +60,12 @@ def _reraise_if_cancelled(err: ActivityError) -> None:
     as cancelled, not as a failed step."""
     if isinstance(err.cause, CancelledError):
         raise asyncio.CancelledError(str(err.cause))
+
+
+def _worker_gone(err: ActivityError) -> bool:
+    """The activity waited on a worker's own queue and no worker took it."""
+    return (isinstance(err.cause, TimeoutError)
+            and err.cause.type is TimeoutType.SCHEDULE_TO_START)
 
 
 def _cause(err: BaseException) -> str:
@@ -87,6 +95,7 @@ class StepWorkflow:
         self._rework_count = 0
         self._usage = Usage()
         self._signals: list[Awaitable[None]] = []
+        self._worktree_queues: list[str] = []
 
     # ------------------------------------------------------------------ messages from the parent
 
@@ -278,20 +287,47 @@ class StepWorkflow:
             summary=f"{i.step.name}: check out for re-evaluation",
         )
 
+    def _worktree_queue(self, execution: ExecuteOutput) -> str | None:
+        """The task queue of the worker holding `execution`'s worktree, remembered for
+        cleanup; None where any worker will do (no queue given, or older runs)."""
+        if not execution.worker_queue or not workflow.patched(ROUTE_TO_WORKTREE):
+            return None
+        if execution.worker_queue not in self._worktree_queues:
+            self._worktree_queues.append(execution.worker_queue)
+        return execution.worker_queue
+
     async def _evaluate(self, attempt: int, execution: ExecuteOutput) -> Evaluation:
         self._log.flush()
         i = self._input
-        return await workflow.execute_activity(
-            ActivityName.EVALUATE_STEP.value,
-            EvaluateInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
-                          step=i.step, attempt=attempt, integration_branch=i.integration_branch,
-                          execution=execution),
-            result_type=Evaluation,
-            start_to_close_timeout=c.EVALUATE_TIMEOUT,
-            heartbeat_timeout=c.EVALUATE_HEARTBEAT_TIMEOUT,
-            retry_policy=c.EVALUATE_RETRY_POLICY,
-            summary=f"{i.step.name}: evaluate attempt {attempt}",
-        )
+        while True:
+            queue = self._worktree_queue(execution)
+            try:
+                return await workflow.execute_activity(
+                    ActivityName.EVALUATE_STEP.value,
+                    EvaluateInput(directive_id=i.directive_id, generation=i.generation,
+                                  spec=i.spec, step=i.step, attempt=attempt,
+                                  integration_branch=i.integration_branch, execution=execution),
+                    result_type=Evaluation,
+                    task_queue=queue,
+                    schedule_to_start_timeout=c.WORKTREE_SCHEDULE_TO_START if queue else None,
+                    start_to_close_timeout=c.EVALUATE_TIMEOUT,
+                    heartbeat_timeout=c.EVALUATE_HEARTBEAT_TIMEOUT,
+                    retry_policy=c.EVALUATE_RETRY_POLICY,
+                    summary=f"{i.step.name}: evaluate attempt {attempt}",
+                )
+            except ActivityError as err:
+                if queue is None or not _worker_gone(err):
+                    raise
+            # The worker holding the worktree is gone; the attempt's commit was pushed to
+            # the step branch before execute returned: check it out on another worker.
+            self._event(EventType.ACTIVITY_FAILED, (
+                f"the worker holding attempt {attempt}'s worktree is gone; checking its "
+                "commit out on another worker"), severity=Severity.WARNING,
+                data={"activity": "evaluate_step", "worker_queue": queue})
+            self._worktree_queues.remove(queue)  # nothing left there to clean up
+            moved = await self._checkout(attempt)
+            execution = execution.model_copy(update={
+                "worktree": moved.worktree, "worker_queue": moved.worker_queue})
 
     async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
         self._log.flush()
@@ -316,19 +352,25 @@ class StepWorkflow:
     async def _cleanup(self) -> None:
         self._log.flush()
         i = self._input
-        try:
-            await workflow.execute_activity(
-                ActivityName.CLEANUP_STEP.value,
-                CleanupInput(directive_id=i.directive_id, repository=i.spec.repository,
-                             step=i.step.name),
-                result_type=CleanupOutput,
-                start_to_close_timeout=c.GIT_TIMEOUT,
-                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
-                retry_policy=c.GIT_RETRY_POLICY,
-                summary=f"{i.step.name}: remove worktrees",
-            )
-        except ActivityError as err:  # leftover worktrees cost disk, not correctness
-            workflow.logger.warning("cleanup of %s failed: %s", i.step.name, _cause(err))
+        # on every worker that held a worktree of this step (a worker that is gone
+        # took its folders with it), else on any worker
+        queues: list[str | None] = list(self._worktree_queues) or [None]
+        for queue in queues:
+            try:
+                await workflow.execute_activity(
+                    ActivityName.CLEANUP_STEP.value,
+                    CleanupInput(directive_id=i.directive_id, repository=i.spec.repository,
+                                 step=i.step.name),
+                    result_type=CleanupOutput,
+                    task_queue=queue,
+                    schedule_to_start_timeout=c.WORKTREE_SCHEDULE_TO_START if queue else None,
+                    start_to_close_timeout=c.GIT_TIMEOUT,
+                    heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
+                    retry_policy=c.GIT_RETRY_POLICY,
+                    summary=f"{i.step.name}: remove worktrees",
+                )
+            except ActivityError as err:  # leftover worktrees cost disk, not correctness
+                workflow.logger.warning("cleanup of %s failed: %s", i.step.name, _cause(err))
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,0 +1,48 @@
+"""An attempt's evaluate and cleanup go to the worker that holds its worktree
+(that worker's own task queue), and when that worker is gone the attempt's
+commit is checked out on another worker instead. The real Temporal test server
+with stand-in activities; tests/test_faults.py runs it with worker processes."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from makima.contracts import ActivityName
+from makima.models import DirectiveStatus
+from tests.standins import StandIns, spec_of, start
+from worker import build_worker
+
+EVALUATE, CLEANUP = ActivityName.EVALUATE_STEP.value, ActivityName.CLEANUP_STEP.value
+
+
+async def test_evaluate_and_cleanup_run_on_the_worker_that_holds_the_worktree(
+        temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    own = f"{task_queue}@worker-a"
+    standins = StandIns(worker_queues=[own])
+    activities = standins.activities()
+    async with build_worker(temporal_env.client, task_queue, activities), \
+            build_worker(temporal_env.client, own, activities, workflows=False):
+        handle = await start(temporal_env.client, task_queue, spec_of(("one", [])))
+        result = await handle.result()
+
+    assert result.status is DirectiveStatus.COMPLETED
+    assert standins.ran_on == [(EVALUATE, own), (CLEANUP, own)]
+
+
+@pytest.mark.faults  # waits out WORKTREE_SCHEDULE_TO_START (60 s): the test server does not skip it
+async def test_a_gone_worker_s_attempt_is_checked_out_and_evaluated_elsewhere(
+        fresh_temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    gone = f"{task_queue}@worker-that-died"  # nobody polls it any more
+    standins = StandIns(worker_queues=[gone])
+    async with build_worker(fresh_temporal_env.client, task_queue, standins.activities()):
+        handle = await start(fresh_temporal_env.client, task_queue, spec_of(("one", [])))
+        result = await handle.result()
+
+    assert result.status is DirectiveStatus.COMPLETED
+    assert [s.status.value for s in result.steps] == ["passed"]
+    assert len(standins.called(ActivityName.CHECKOUT_STEP)) == 1
+    assert len(standins.called(ActivityName.EXECUTE_STEP)) == 1, "the agent ran once"
+    assert standins.ran_on[0] == (EVALUATE, task_queue)
+    assert any("worktree is gone" in e.message for e in standins.events)
+    assert (CLEANUP, gone) not in standins.ran_on
