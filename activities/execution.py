@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -65,9 +66,33 @@ from makima.workspace import Workspace, is_inside_worktrees, step_folders
 HEARTBEAT_INTERVAL_SECONDS = 2.0
 
 
-def commit_message(directive_id: str, step: str, attempt: int, summary: str) -> str:
+#: The trailer of an attempt's commit that records its result (JSON on one line).
+RESULT_TRAILER = "Makima-Result: "
+
+
+def commit_message(directive_id: str, step: str, attempt: int, summary: str,
+                   record: dict[str, Any] | None = None) -> str:
     title = f"makima: {directive_id} step {step} attempt {attempt}"
-    return f"{title}\n\n{summary.strip()}" if summary.strip() else title
+    message = f"{title}\n\n{summary.strip()}" if summary.strip() else title
+    if record is not None:
+        message += f"\n\n{RESULT_TRAILER}{json.dumps(record, separators=(',', ':'))}"
+    return message
+
+
+def attempt_key(input: ExecuteInput) -> str:
+    """Names one attempt of one step of one generation, in its commit's record."""
+    return f"{input.directive_id}/g{input.generation}/{input.step.name}/a{input.attempt}"
+
+
+def _recorded_result(message: str) -> dict[str, Any] | None:
+    for line in reversed(message.splitlines()):
+        if line.startswith(RESULT_TRAILER):
+            try:
+                record = json.loads(line.removeprefix(RESULT_TRAILER))
+            except ValueError:
+                return None
+            return record if isinstance(record, dict) else None
+    return None
 
 
 def _session_from_heartbeat(details: Any) -> str | None:
@@ -153,11 +178,20 @@ class ExecutionActivities:
     # ------------------------------------------------------------------ execute
     @activity.defn(name=ActivityName.EXECUTE_STEP.value)
     async def execute_step(self, input: ExecuteInput) -> ExecuteOutput:
-        with translated_errors():
-            return await self._execute(input)
+        # heartbeats from the first line: cloning, a lock wait and fetching take time too
+        info = activity.info()
+        progress = Progress(session_id=_session_from_heartbeat(info.heartbeat_details))
+        heartbeat = _Heartbeat(input.step.name, input.attempt, time.monotonic(), progress)
+        beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
+        try:
+            with translated_errors():
+                return await self._execute(input, heartbeat)
+        finally:
+            beating.cancel()
 
-    async def _execute(self, input: ExecuteInput) -> ExecuteOutput:
-        started = time.monotonic()
+    async def _execute(self, input: ExecuteInput, heartbeat: _Heartbeat) -> ExecuteOutput:
+        started = heartbeat.started
+        progress = heartbeat.progress
         info = activity.info()
         step = input.step.name
         branch = step_branch(input.directive_id, step)
@@ -169,7 +203,7 @@ class ExecutionActivities:
         worktree = workspace.path
         previous_workspace = workspace.previous_try()
         previous = previous_workspace.path if previous_workspace else None
-        resume_session_id = _session_from_heartbeat(info.heartbeat_details)
+        resume_session_id = progress.session_id
         previous_try = ""
         async with repo.lock():
             await repo.check_branch_name(branch)
@@ -183,6 +217,13 @@ class ExecutionActivities:
                 # Rework: the agent fixes its own previous attempt.
                 await repo.fetch_branch(branch)
                 start = await repo.branch_head(branch) or integration_head
+            if previous is not None:
+                # A retry: the attempt may have finished already, and only its report to
+                # Temporal got lost (a server restart). Then adopt it; never redo it.
+                adopted = await self._adopt_finished(repo, input, branch, integration_head,
+                                                     worktree)
+                if adopted is not None:
+                    return adopted
             conflicts: list[str] = []
             if previous and resume_session_id and _exists(previous / ".git"):
                 # Resuming an agent session here: it expects the files it wrote so far
@@ -201,22 +242,22 @@ class ExecutionActivities:
 
         # what earlier tries of this attempt were billed (resumed or not, it was spent)
         resume_usage = _usage_from_heartbeat(info.heartbeat_details) if previous else None
-        progress = Progress(session_id=resume_session_id, usage=resume_usage)
-        heartbeat = _Heartbeat(step, input.attempt, started, progress)
+        progress.session_id, progress.usage = resume_session_id, resume_usage
         request = ExecutionRequest(
             directive_id=input.directive_id, spec=input.spec, step=input.step,
             attempt=input.attempt, worktree=worktree, rework=input.rework,
             resume_session_id=resume_session_id, resume_usage=resume_usage, conflicts=conflicts,
             resume_from=previous, previous_try=previous_try,
             on_progress=lambda _: heartbeat.beat(), progress=progress)
-        beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
-        try:
-            result = await executor.run(request)
-        finally:
-            beating.cancel()
+        result = await executor.run(request)
 
-        head = await repo.commit_attempt(
-            worktree, commit_message(input.directive_id, step, input.attempt, result.summary))
+        session_id = result.session_id or progress.session_id
+        head = await repo.commit_attempt(worktree, commit_message(
+            input.directive_id, step, input.attempt, result.summary, record={
+                "attempt": attempt_key(input), "success": result.success,
+                "exit_code": result.exit_code, "summary": result.summary[:MAX_TEXT_IN_HISTORY],
+                "output_tail": truncate_tail(result.output_tail, MAX_TEXT_IN_HISTORY),
+                "session_id": session_id, "usage": result.usage.model_dump(mode="json")}))
         async with repo.lock():
             await repo.set_branch(branch, head)
             await repo.push_branch(branch, force=True)
@@ -235,11 +276,37 @@ class ExecutionActivities:
             diff_stat=changes.diff_stat,
             output_tail=truncate_tail(result.output_tail, MAX_TEXT_IN_HISTORY),
             summary=result.summary[:MAX_TEXT_IN_HISTORY],
-            session_id=result.session_id or progress.session_id,
+            session_id=session_id,
             duration_seconds=round(time.monotonic() - started, 3),
             usage=result.usage,
             worker_queue=self.worker_queue,
         )
+
+    async def _adopt_finished(self, repo: GitRepository, input: ExecuteInput, branch: str,
+                              integration_head: str, worktree: Path) -> ExecuteOutput | None:
+        """This attempt's result, when an earlier try committed it to the step branch
+        (the commit's `Makima-Result` record names the attempt), checked out here for
+        the evaluation; else None. An attempt that changed nothing leaves no commit,
+        so it is run again."""
+        await repo.fetch_branch(branch)
+        head = await repo.branch_head(branch)
+        if head is None:
+            return None
+        message = await repo.run("log", "-1", "--format=%B", head)
+        record = _recorded_result(message.stdout)
+        if record is None or record.get("attempt") != attempt_key(input):
+            return None
+        await repo.add_worktree(worktree, head)
+        changes = await repo.describe(integration_head, head)
+        contained = await repo.is_ancestor(head, integration_head)
+        return ExecuteOutput(
+            success=bool(record.get("success")), exit_code=record.get("exit_code"),
+            branch=branch, commit=None if contained else head, worktree=str(worktree),
+            changed_files=changes.files, diff_stat=changes.diff_stat,
+            output_tail=str(record.get("output_tail") or ""),
+            summary=str(record.get("summary") or ""), session_id=record.get("session_id"),
+            usage=Usage.model_validate(record.get("usage") or {}),
+            worker_queue=self.worker_queue, adopted=True)
 
     # ------------------------------------------------------------------ checkout
     @activity.defn(name=ActivityName.CHECKOUT_STEP.value)

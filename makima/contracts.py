@@ -143,6 +143,9 @@ class ExecuteOutput(Model):
     #: The task queue of the one worker that holds `worktree` (see worker.py); its
     #: evaluation and cleanup go there. Empty: any worker (older histories).
     worker_queue: str = ""
+    #: The result an earlier try recorded on the step branch, taken over by a retry
+    #: whose report of it to Temporal was lost: the agent did not run again.
+    adopted: bool = False
 
 
 class CheckoutInput(Model):

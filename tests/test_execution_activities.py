@@ -6,6 +6,7 @@ bare remote, completion modes, and cancellation killing a `sleep 600`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import uuid
@@ -485,3 +486,34 @@ async def test_concurrent_merges_into_one_remote_all_succeed_first_time(
     assert all(m.merged for m in merged), [m.message for m in merged]
     for i in range(6):
         assert show(remote, integration, f"f{i}.txt") == str(i)
+
+
+async def test_a_retry_adopts_the_finished_attempt_instead_of_running_the_agent_again(
+        acts: ExecutionActivities, repo: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent finished and committed, but Temporal never heard of it (the server
+    was down): the retry returns the recorded result, and the agent runs once."""
+    monkeypatch.setenv("MAKIMA_SANDBOX", "off")  # the command counts its runs outside
+    repository = Repository(path=str(repo))
+    spec = spec_for(repository)
+    integration = await prepare(acts, repository)
+    runs = tmp_path / "runs"
+    command = f"echo ran >> {runs}; echo built > built.txt; echo 'the output'"
+    first = await execute(acts, spec, integration, "build", command)
+    assert first.success and not first.adopted
+
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2)
+    again = await execute(acts, spec, integration, "build", command, env=retry)
+
+    assert runs.read_text().split() == ["ran"], "the agent ran again"
+    assert again.adopted and again.success and again.commit == first.commit
+    assert "the output" in again.output_tail and again.changed_files == ["built.txt"]
+    assert again.worktree != first.worktree  # checked out in the retry's own folder
+    assert (Path(again.worktree) / "built.txt").read_text() == "built\n"
+
+    # another attempt of the step (a rework) is work of its own: it runs
+    rework = ReworkContext(attempt=2, feedback="again", instructions="again")
+    redone = await execute(acts, spec, integration, "build", command, attempt=2,
+                           rework=rework, env=retry)
+    assert not redone.adopted and runs.read_text().split() == ["ran", "ran"]

@@ -400,6 +400,8 @@ async def test_temporal_server_restart_mid_directive_completes(
     assert result.status is DirectiveStatus.COMPLETED
     assert [s.status.value for s in result.steps] == ["passed", "passed"]
     assert git(repo, "show", f"{result.integration_branch}:after.txt") == "after\n"
+    # the agent finished while the server was down: a lost report is adopted, not redone
+    assert len(lines(count)) == 1, "the finished agent ran again"
     await assert_rows_complete(stack.pool, result)
 
 
