@@ -127,7 +127,9 @@ class EvaluationActivities:
     async def _evaluate(self, request: EvaluateInput, worktree: Path, judge: LLMClient | None,
                         heartbeats: _Heartbeats) -> Evaluation:
         spec, step, execution = request.spec, request.step, request.execution
-        commands = ev.checks_for(step.verify, worktree, auto_detect=self.auto_checks)
+        # off the event loop: walking a big worktree must not stall this worker's heartbeats
+        commands = await asyncio.to_thread(ev.checks_for, step.verify, worktree,
+                                           auto_detect=self.auto_checks)
         checks = await ev.run_checks(commands, worktree, timeout_seconds=self.check_timeout,
                                      on_progress=heartbeats.report, sandbox=spec.sandbox)
 

@@ -46,6 +46,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -108,17 +109,33 @@ def _pytest_command() -> str | None:
     return None
 
 
-def _has_make_test_target(makefile: Path) -> bool:
+#: Largest file read to detect a repository's checks (a Makefile, package.json).
+MAX_DETECTION_BYTES = 1024 * 1024
+
+
+def _read_small(path: Path) -> str | None:
+    """`path`'s text when it is a regular file of at most MAX_DETECTION_BYTES, else
+    None: an agent's worktree may hold a FIFO (reading it blocks) or a sparse 50 GB
+    file (reading it exhausts the worker)."""
     try:
-        text = makefile.read_text(errors="replace")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DETECTION_BYTES:
+            return None
+        with path.open("rb") as handle:
+            return handle.read(MAX_DETECTION_BYTES).decode("utf-8", "replace")
     except OSError:
-        return False
-    return re.search(r"^test\s*:", text, re.MULTILINE) is not None
+        return None
+
+
+def _has_make_test_target(makefile: Path) -> bool:
+    text = _read_small(makefile)
+    return text is not None and re.search(r"^test\s*:", text, re.MULTILINE) is not None
 
 
 def detect_checks(worktree: Path) -> list[str]:
     """The repository's own test commands, each only when the repository has it
-    and its tool is installed here."""
+    and its tool is installed here. Blocking (it walks the tree): call it from a
+    thread."""
     commands: list[str] = []
     if any(re.fullmatch(r"test_.*\.py|.*_test\.py", p.name) for p in _files(worktree)):
         pytest_command = _pytest_command()
@@ -127,8 +144,8 @@ def detect_checks(worktree: Path) -> list[str]:
     package = worktree / "package.json"
     if package.is_file() and shutil.which("npm"):
         try:
-            script = (json.loads(package.read_text()).get("scripts") or {}).get("test")
-        except (json.JSONDecodeError, OSError, AttributeError):
+            script = (json.loads(_read_small(package) or "{}").get("scripts") or {}).get("test")
+        except (json.JSONDecodeError, AttributeError):
             script = None
         if script and script.strip() != _NPM_PLACEHOLDER_TEST:
             commands.append("npm test")

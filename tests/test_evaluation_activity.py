@@ -6,6 +6,8 @@ errors a user must act on."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 from pathlib import Path
 
@@ -321,3 +323,25 @@ async def test_judge_rate_limit_is_retryable(
     assert not caught.value.non_retryable
     assert caught.value.next_retry_delay is not None
     assert caught.value.next_retry_delay.total_seconds() == 3
+
+
+async def test_a_huge_file_or_a_fifo_in_the_worktree_does_not_hang_or_exhaust_the_worker(
+        worktree: Path) -> None:
+    """An agent left a sparse 50 GB Makefile and a FIFO as package.json: detecting the
+    repository's checks neither reads 50 GB nor blocks on the FIFO, and the evaluation
+    ends with the step's own check."""
+    with (worktree / "Makefile").open("w") as makefile:
+        makefile.write("test:\n\ttrue\n")
+        makefile.truncate(50 * 1024 ** 3)
+    os.mkfifo(worktree / "package.json")
+    heartbeats: list[object] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details)
+    activities = EvaluationActivities(None, auto_checks=True)
+
+    evaluation = await asyncio.wait_for(env.run(
+        activities.evaluate_step, make_request(worktree, verify=["test -f hello.txt"],
+                                               evaluator=EvaluatorKind.PROGRAMMATIC)), 60)
+
+    assert [c.command for c in evaluation.checks] == ["test -f hello.txt"]
+    assert evaluation.passed and heartbeats
