@@ -13,7 +13,11 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ApplicationError,
+    ApplicationErrorCategory,
+    WorkflowAlreadyStartedError,
+)
 
 from makima.connection import task_queue
 from makima.contracts import ActivityName, Event, NotifyInput, NotifyOutput
@@ -87,5 +91,12 @@ class NotifyActivities:
         try:
             status = await post_notification(url, notification.payload)
         except DeliveryFailed as error:
-            raise ApplicationError(str(error), type="DeliveryFailed") from None
+            # Expected while a receiver is down: one line here, no traceback from the
+            # SDK (a benign error), and Temporal retries it (NOTIFY_RETRY_POLICY).
+            info = activity.info()
+            activity.logger.warning(
+                "notification %s not delivered (try %d): %s; retrying",
+                notification.payload.get("id"), info.attempt, error)
+            raise ApplicationError(str(error), type="DeliveryFailed",
+                                   category=ApplicationErrorCategory.BENIGN) from None
         return NotifyOutput(status=status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -114,7 +115,7 @@ def activities(pool: asyncpg.Pool) -> list:
 async def test_a_directive_notifies_each_receiver_once_and_retries_one_that_is_down(
         client: Client, task_queue: str, receiver: Receiver, notify_env: None,
         pg_pool: asyncpg.Pool, tmp_path: Path,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("MAKIMA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MAKIMA_AUTO_CHECKS", "0")
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
@@ -156,6 +157,13 @@ async def test_a_directive_notifies_each_receiver_once_and_retries_one_that_is_d
         assert kinds == ["approval_requested", "directive_completed"], path
     refused = [p for p, status, _ in receiver.requests if status == 503]
     assert refused == ["/hook-a?token=s3cret"] * 2
+    # a receiver that is down is an expected case: one line per try, no traceback
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING
+            and "deliver_notification" in r.getMessage()]
+    lines = [r.getMessage() for r in said]
+    assert len([m for m in lines if "not delivered" in m]) == 2, lines
+    assert all(r.exc_info is None for r in said), lines
+    assert all("s3cret" not in m for m in lines)
     # the receivers are named by a hash in history, never by their URL
     async for event in client.get_workflow_handle(handle.id).fetch_history_events():
         assert "s3cret" not in str(event)
