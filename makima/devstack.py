@@ -32,7 +32,7 @@ from temporalio.client import Client
 
 from makima.connection import connect_temporal, task_queue
 from makima.errors import MakimaError
-from makima.process import redact_url
+from makima.process import redact_url, tool_environment
 from makima.store.embedded import makima_home, running_embedded, start_embedded, stop_embedded
 
 #: Registered by the dev server at start (and, on other clusters, by hand: README).
@@ -180,6 +180,7 @@ class DevStack:
                 temporal_command(ip=self.ip, port=self.port, ui_port=self.ui_port,
                                  db_file=self.home / "temporal.db"),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=tool_environment(),  # the dev server needs none of the worker's secrets
                 start_new_session=True)  # Ctrl-C reaches us, and we stop it by pid
         finally:
             log.close()

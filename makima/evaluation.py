@@ -39,7 +39,6 @@ worker's secrets.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -54,6 +53,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from makima.git import git
 from makima.models import CheckResult, CriterionResult, SandboxSettings, Thresholds
 from makima.process import agent_environment, run_confined, truncate_tail
 from makima.sandbox import Confinement
@@ -212,14 +212,11 @@ async def run_checks(
 async def diff_against(worktree: Path, base: str, *, limit: int = MAX_DIFF_CHARS) -> str:
     """`git diff <base>...HEAD` in the worktree (what the attempt changed since it
     branched off), truncated; an explanation instead when git cannot say."""
-    process = await asyncio.create_subprocess_exec(
-        "git", "diff", "--no-color", "--no-ext-diff", f"{base}...HEAD",
-        cwd=worktree, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        return f"(git diff {base}...HEAD failed: {err.decode('utf-8', 'replace').strip()})"
-    text = out.decode("utf-8", "replace")
+    result = await git("diff", "--no-color", "--no-ext-diff", f"{base}...HEAD", cwd=worktree,
+                       check=False)
+    if result.code != 0:
+        return f"(git diff {base}...HEAD failed: {result.stderr.strip()})"
+    text = result.stdout
     if len(text) > limit:
         return text[:limit] + f"\n[... diff truncated: {len(text) - limit} more characters]"
     return text

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from makima.errors import GitError
 from makima.models import Repository
+from makima.process import tool_environment
 
 #: Identity for makima's own commits when the machine has none configured.
 FALLBACK_NAME = "makima"
@@ -121,7 +122,7 @@ def _with_credential_helper(env: dict[str, str]) -> None:
 
 
 def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = tool_environment()
     _with_credential_helper(env)
     # Never wait for a password prompt or an editor: a worker has no terminal.
     env["GIT_TERMINAL_PROMPT"] = "0"

@@ -3,8 +3,10 @@ group (so it and everything it starts can be killed together), with a timeout,
 and with its output kept as a bounded tail (a command that prints 50 MB costs a
 few kilobytes of memory, not 50 MB) and the worker's secrets scrubbed from it.
 
-Also the one environment builder for agent-controlled processes
-(`agent_environment`, an allow-list), the one secret scrubber (`scrub_secrets`)
+Also the one environment builder (an allow-list, never the worker's environment
+minus something): `agent_environment` for agent-controlled processes and
+`tool_environment` for makima's own tools (git); the one secret scrubber
+(`scrub_secrets`)
 and `run_confined`, which runs such a process inside the sandbox
 (makima.sandbox).
 
@@ -121,6 +123,25 @@ def agent_environment(extra: Mapping[str, str] | None = None, *,
     for name in [*_names(os.environ.get("MAKIMA_AGENT_ENV_PASSTHROUGH", "")), *declared]:
         if name in os.environ:
             env[name] = os.environ[name]
+    env.update(extra or {})
+    return env
+
+
+#: What makima's own tools (git) get besides `_ALLOWED`: where git finds its
+#: configuration and identity, the SSH agent, proxies, every GIT_* setting, and the
+#: variables the credential helper (makima.git) reads. No API key, no DATABASE_URL.
+_TOOL_ALLOWED = ("HOME", "USER", "LOGNAME", "XDG_CONFIG_HOME", "SSH_AUTH_SOCK",
+                 "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                 "NO_PROXY", "MAKIMA_GIT_USERNAME", "MAKIMA_GIT_PASSWORD")
+
+
+def tool_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the processes makima itself runs on the worker's behalf
+    (git): trusted programs, but the same allow-list rule as `agent_environment`,
+    so a hook, filter or alias they start never holds the worker's other secrets."""
+    env = {name: value for name, value in os.environ.items()
+           if name in _ALLOWED or name in _TOOL_ALLOWED or name.startswith("GIT_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.update(extra or {})
     return env
 

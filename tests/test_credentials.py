@@ -41,3 +41,19 @@ def test_the_dev_ready_line_hides_the_database_password() -> None:
     line = stack.ready_line()
     assert "hunter2-pw" not in line
     assert "database=postgresql://makima:***@db.example:5432/makima" in line
+
+
+async def test_makimas_own_git_holds_no_other_secret_of_the_worker(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """git is trusted, but what it starts (an alias, a hook, a filter) gets the same
+    allow-list rule as an agent: the worker's API key and database URL stay out."""
+    from makima.git import git
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-worker-only-0001")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://makima:pg-pw-0002@db:5432/makima")
+    monkeypatch.setenv("MAKIMA_GIT_PASSWORD", "tok-for-the-remote")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "worker bot")
+    seen = (await git("-c", "alias.showenv=!env", "showenv", cwd=tmp_path)).stdout
+    assert "sk-ant-worker-only-0001" not in seen and "pg-pw-0002" not in seen
+    assert "GIT_AUTHOR_NAME=worker bot" in seen  # what git itself is configured with stays
+    assert "MAKIMA_GIT_PASSWORD=tok-for-the-remote" in seen  # read by the credential helper
