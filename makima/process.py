@@ -130,7 +130,8 @@ def agent_environment(extra: Mapping[str, str] | None = None, *,
 #: What makima's own tools (git) get besides `_ALLOWED`: where git finds its
 #: configuration and identity, the SSH agent, proxies, every GIT_* setting, and the
 #: variables the credential helper (makima.git) reads. No API key, no DATABASE_URL.
-_TOOL_ALLOWED = ("HOME", "USER", "LOGNAME", "XDG_CONFIG_HOME", "SSH_AUTH_SOCK",
+_TOOL_ALLOWED = ("HOME", "USER", "LOGNAME", "XDG_CONFIG_HOME", "SSH_AUTH_SOCK", "TMPDIR",
+                 "SSL_CERT_FILE", "SSL_CERT_DIR",
                  "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                  "NO_PROXY", "MAKIMA_GIT_USERNAME", "MAKIMA_GIT_PASSWORD")
 
