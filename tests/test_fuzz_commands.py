@@ -97,7 +97,11 @@ NOT_WORKFLOW_CODE = {
     WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND,
     WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE,
 }
-END_WITHIN = 60.0  # real seconds for a directive to end once people stop interfering
+#: Real seconds for a directive to end once people stop interfering. A failing agent
+#: alone is retried after 5 s and 10 s (EXECUTE_RETRY_POLICY), and a batch of 30
+#: directives shares 2 cores with whatever else runs: 60 s was missed once under a
+#: load average of 7 (seed 761079, which passes alone in 7 s). A hang still fails.
+END_WITHIN = 180.0
 
 
 @dataclass
