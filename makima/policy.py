@@ -7,7 +7,7 @@ unit tests can cover without Temporal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from makima.constants import MAX_TEXT_IN_HISTORY
@@ -122,6 +122,39 @@ def budget_lowering(budgets: Budgets, request: BudgetRaise) -> str | None:
     if not problems:
         return None
     return "raise_budget only raises budgets: " + "; ".join(problems)
+
+
+@dataclass(frozen=True)
+class BudgetLedger:
+    """A directive's spend held against its budgets: which breaker trips, how long
+    it may still run, and what a raise may change. Pure: the workflow hands in the
+    elapsed time and keeps the ledger each change gives back."""
+
+    budgets: Budgets
+    cost_usd: float = 0.0
+
+    def spend(self, cost_usd: float) -> BudgetLedger:
+        """The ledger after `cost_usd` more was billed (kept to micro-dollars)."""
+        return replace(self, cost_usd=round(self.cost_usd + cost_usd, 6))
+
+    def breaker(self, elapsed_seconds: float) -> Breaker | None:
+        """The spending breaker that has tripped (cost, then wall time), or None."""
+        return tripped_breaker(self.budgets, cost_usd=self.cost_usd,
+                               elapsed_seconds=elapsed_seconds)
+
+    def seconds_left(self, elapsed_seconds: float) -> float | None:
+        """How long until the wall-time breaker trips; None without that budget."""
+        return seconds_until_wall_time(self.budgets, elapsed_seconds)
+
+    def raise_problem(self, request: BudgetRaise) -> str | None:
+        """Why `raise_budget` may not accept `request`, or None."""
+        if not request.model_dump(exclude_none=True):
+            return "name at least one budget to raise"
+        return budget_lowering(self.budgets, request)
+
+    def raised(self, request: BudgetRaise) -> BudgetLedger:
+        """The ledger under the raised budgets (check `raise_problem` first)."""
+        return replace(self, budgets=request.applied_to(self.budgets))
 
 
 def failed_execution_evaluation(

@@ -14,6 +14,7 @@ from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.models import Autonomy, BudgetRaise, Budgets, Confidence, Thresholds
 from makima.policy import (
     BreakerKind,
+    BudgetLedger,
     Decision,
     budget_lowering,
     confidence_for,
@@ -253,3 +254,47 @@ def test_budget_lowering_names_each_current_value() -> None:
     assert "max_wall_time_minutes is 1.0 now; 0.2 would lower it" in problem
     assert "max_rework_cycles is 3 now; 1 would lower it" in problem
     assert "max_cost_usd has no limit now; 5.0 would lower it" in problem
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def test_ledger_spends_to_micro_dollars_and_trips_the_cost_breaker() -> None:
+    ledger = BudgetLedger(Budgets(max_cost_usd=1.0))
+    ledger = ledger.spend(0.1).spend(0.2)
+    assert ledger.cost_usd == 0.3  # not 0.30000000000000004
+    assert ledger.breaker(elapsed_seconds=0) is None
+    spent = ledger.spend(0.7)
+    breaker = spent.breaker(elapsed_seconds=0)
+    assert breaker is not None and breaker.kind is BreakerKind.COST
+    assert ledger.cost_usd == 0.3, "spending returns a new ledger"
+
+
+def test_ledger_wall_time_breaker_and_time_left() -> None:
+    ledger = BudgetLedger(Budgets(max_wall_time_minutes=2.0))
+    assert ledger.seconds_left(30) == 90
+    assert ledger.breaker(119.9) is None
+    breaker = ledger.breaker(120)
+    assert breaker is not None and breaker.kind is BreakerKind.WALL_TIME
+    assert BudgetLedger(Budgets()).seconds_left(10_000) is None
+
+
+def test_ledger_refuses_an_empty_raise_and_any_lowering() -> None:
+    ledger = BudgetLedger(Budgets(max_wall_time_minutes=1.0, max_cost_usd=2.0))
+    assert ledger.raise_problem(BudgetRaise()) == "name at least one budget to raise"
+    lowering = ledger.raise_problem(BudgetRaise(max_wall_time_minutes=0.2))
+    assert lowering is not None
+    assert "max_wall_time_minutes is 1.0 now; 0.2 would lower it" in lowering
+    assert ledger.raise_problem(BudgetRaise(max_cost_usd=2.0)) is None  # equal is no lowering
+    assert ledger.raise_problem(BudgetRaise(max_cost_usd=3.0, max_rework_cycles=5)) is None
+
+
+def test_a_raise_clears_the_breaker_it_lifts_and_keeps_the_spend() -> None:
+    ledger = BudgetLedger(Budgets(max_cost_usd=1.0), cost_usd=1.0)
+    assert ledger.breaker(0) is not None
+    raised = ledger.raised(BudgetRaise(max_cost_usd=5.0))
+    assert raised.cost_usd == 1.0
+    assert raised.budgets.max_cost_usd == 5.0
+    assert raised.budgets.max_rework_cycles == ledger.budgets.max_rework_cycles
+    assert raised.breaker(0) is None
+    assert raised.raised(BudgetRaise(max_cost_usd=5.0)).breaker(0) is None

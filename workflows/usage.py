@@ -1,4 +1,4 @@
-"""What a failed call was billed, read back in workflow code.
+"""What a failed call was billed, and why it failed, read back in workflow code.
 
 activities/errors.py puts the usage of a billed error into the first detail of
 its ApplicationError (`{"usage": {...}, ...}`); a failed activity or child
@@ -35,3 +35,10 @@ def billed_usage(err: BaseException) -> Usage:
                     return Usage()
         current = current.__cause__
     return Usage()
+
+
+def cause_of(err: BaseException) -> str:
+    """The innermost cause's message: what a person reads about a failed call."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) or type(err).__name__

@@ -1,0 +1,147 @@
+"""The directive's step children: start one, hear its progress, take its result.
+
+A mixin of DirectiveWorkflow, over its state; which step starts when is decided
+in directive.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import (
+    CancelledError,
+    ChildWorkflowError,
+    TerminatedError,
+    WorkflowAlreadyStartedError,
+)
+
+with workflow.unsafe.imports_passed_through():
+    from makima.contracts import (
+        EventType,
+        PauseState,
+        StepInput,
+        StepProgress,
+        StepResult,
+        step_workflow_id,
+    )
+    from makima.models import PendingApproval, StepStatus
+    from workflows.step import PROGRESS_SIGNAL, StepWorkflow
+    from workflows.usage import cause_of
+
+
+class DirectiveChildren:
+    """The StepWorkflow children, over `DirectiveWorkflow`'s state."""
+
+    def _start_step(self, name: str, *, reevaluate: bool = False) -> None:
+        state = self._steps[name]
+        run = self._reevaluations.get(name, 0)
+        wf_id = step_workflow_id(self._id, self._generation, name, run)
+        step_input = StepInput(
+            directive_id=self._id,
+            generation=self._generation,
+            spec=self._spec.model_copy(update={"plan": None}),
+            step=self._planned[name],
+            integration_branch=self._branch,
+            paused=self._paused,
+            reevaluate=reevaluate,
+            first_attempt=state.attempts + 1,
+            rework_count=state.rework_count,
+        )
+        self._progress_seq[name] = 0
+        self._run_cost[name] = 0.0
+        self._set_step(name, status=StepStatus.EVALUATING if reevaluate else StepStatus.RUNNING,
+                       attempts=state.attempts + 1, workflow_id=wf_id, reason="")
+        self._launching += 1
+        asyncio.create_task(self._child(name, wf_id, step_input))
+
+    async def _child(self, name: str, wf_id: str, step_input: StepInput) -> None:
+        try:
+            try:
+                handle = await workflow.start_child_workflow(
+                    StepWorkflow.run,
+                    step_input,
+                    id=wf_id,
+                    task_queue=workflow.info().task_queue,
+                    parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                    static_summary=f"{name}: {step_input.step.description}"[:200],
+                )
+            finally:
+                self._launching -= 1
+            self._children[name] = handle
+            if self._cancelling and self._commands_hold:
+                # the stop was accepted while this child was being started
+                await self._cancel_child(handle.id)
+            elif self._paused != step_input.paused:  # changed while the child was starting
+                await handle.signal("set_paused", PauseState(paused=self._paused))
+            self._on_result(await handle)
+        except WorkflowAlreadyStartedError:  # ids are unique per run; say so if not
+            self._failed_steps += 1
+            self._set_step(name, status=StepStatus.FAILED, reason=f"workflow {wf_id} already exists")
+        except ChildWorkflowError as err:
+            ended_from_outside = isinstance(err.cause, (CancelledError, TerminatedError))
+            if ended_from_outside and self._commands_hold and not self._cancelling:
+                # not our doing (`temporal workflow cancel/terminate` of the step): the
+                # generation ends as after a failed step
+                self._failed_steps += 1
+                what = "cancelled" if isinstance(err.cause, CancelledError) else "terminated"
+                self._set_step(name, status=StepStatus.CANCELLED,
+                               reason=f"its workflow {wf_id} was {what} from outside makima")
+            elif isinstance(err.cause, CancelledError):
+                self._set_step(name, status=StepStatus.CANCELLED, reason="cancelled")
+            else:
+                self._failed_steps += 1
+                self._set_step(name, status=StepStatus.FAILED, reason=cause_of(err))
+        finally:
+            self._children.pop(name, None)
+            self._pending.pop(name, None)
+            self._decided.discard(name)
+            self._changed = True
+
+    def _on_result(self, result: StepResult) -> None:
+        state = self._steps[result.name]
+        # what the run spent that its progress reports did not carry
+        extra = max(0.0, round(result.usage.cost_usd - self._run_cost.get(result.name, 0.0), 6))
+        self._cost = round(self._cost + extra, 6)
+        if result.status in (StepStatus.FAILED, StepStatus.BLOCKED):
+            self._failed_steps += 1
+        self._set_step(
+            result.name, status=result.status, attempts=max(state.attempts, result.attempts),
+            rework_count=result.rework_count, score=result.score, confidence=result.confidence,
+            summary=result.summary, reason=result.reason, branch=result.branch,
+            commit=result.commit, cost_usd=round(state.cost_usd + extra, 6))
+
+    @workflow.signal(name=PROGRESS_SIGNAL, description="From a step child: status and spend.")
+    def step_progress(self, progress: StepProgress) -> None:
+        """From a running StepWorkflow: its status changed or it spent money."""
+        state = self._steps.get(progress.name)
+        if state is None or progress.generation != self._generation:
+            return
+        if progress.seq <= self._progress_seq.get(progress.name, 0):
+            return  # an older report arriving late
+        self._progress_seq[progress.name] = progress.seq
+        spent = progress.usage.cost_usd
+        self._cost = round(self._cost + spent, 6)
+        self._run_cost[progress.name] = self._run_cost.get(progress.name, 0.0) + spent
+        changes: dict[str, Any] = {
+            "status": progress.status,
+            "attempts": max(state.attempts, progress.attempt),
+            "cost_usd": round(state.cost_usd + spent, 6),
+        }
+        if progress.score is not None:
+            changes.update(score=progress.score, confidence=progress.confidence,
+                           summary=progress.summary)
+        if progress.status is StepStatus.REWORK:
+            changes["rework_count"] = state.rework_count + 1
+        self._set_step(progress.name, **changes)
+        if progress.status is StepStatus.AWAITING_APPROVAL:
+            self._decided.discard(progress.name)
+            self._pending[progress.name] = PendingApproval(
+                step=progress.name, attempt=progress.attempt, score=progress.score or 0.0,
+                summary=progress.summary, requested_at=progress.at,
+                generation=self._generation, branch=progress.branch, commit=progress.commit)
+            self._event(EventType.APPROVAL_REQUESTED, f"{progress.name} waits for a decision",
+                        step=progress.name, attempt=progress.attempt,
+                        data={"score": progress.score, "summary": progress.summary})
+        self._changed = True
