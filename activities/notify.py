@@ -6,6 +6,7 @@ payloads and the exactly-once argument.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -60,14 +61,13 @@ async def start_notifications(conn: asyncpg.Connection, events: list[Event]) -> 
         payload = payload_for(event, kind=kind, title=title, link_base=console_url(os.environ),
                               checks=checks, criteria=criteria)
         for url in urls:
-            try:
+            # Started before (a retried batch) means already on its way: once is enough.
+            with contextlib.suppress(WorkflowAlreadyStartedError):
                 await client.start_workflow(
                     "NotifyWorkflow", NotifyInput(receiver=receiver_key(url), payload=payload),
                     id=workflow_id_for(payload["id"], url), task_queue=task_queue(),
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     static_summary=f"{kind}: {event.directive_id}")
-            except WorkflowAlreadyStartedError:
-                pass  # this notification was started before (a retried batch): once is enough
 
 
 def _json(value: Any) -> list[Any]:

@@ -130,17 +130,18 @@ class ModelProxy:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A broken request or connection: the CLI sees a dropped connection and
+        # retries; nothing to keep.
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            request_line, *lines = head.split("\r\n")
-            method, target, _ = request_line.split(" ", 2)
-            headers = [(name.strip(), value.strip()) for name, value in
-                       (line.split(":", 1) for line in lines if ":" in line)]
-            body = await _read_body(reader, headers)
-            await self._forward(method, target, headers, body, writer)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError, OSError):
-            pass  # the CLI sees a dropped connection and retries; nothing to keep
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                                     ConnectionError, ValueError, OSError):
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                request_line, *lines = head.split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                headers = [(name.strip(), value.strip()) for name, value in
+                           (line.split(":", 1) for line in lines if ":" in line)]
+                body = await _read_body(reader, headers)
+                await self._forward(method, target, headers, body, writer)
         finally:
             writer.close()
 
