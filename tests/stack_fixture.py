@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from makima.devstack import temporal_command
+from makima.devstack import temporal_binary, temporal_command
+from makima.process import tool_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,15 +75,23 @@ class DevServer:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
+        # listening is not serving: until its frontend is healthy the server refuses
+        # clients with "Frontend is not healthy yet" (a CI run failed on that)
+        while not (_port_open(self.port) and self._serving()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"temporal dev server exited: "
                                    f"{self.log_file.read_text(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"temporal dev server did not listen on {self.port}")
+                raise RuntimeError(f"temporal dev server did not serve on {self.port}")
             time.sleep(0.1)
         return self
+
+    def _serving(self) -> bool:
+        health = subprocess.run(
+            [str(temporal_binary()), "operator", "cluster", "health", "--address", self.address],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, env=tool_environment())
+        return health.returncode == 0 and "SERVING" in health.stdout
 
     def stop(self) -> None:
         if self.process is not None:
