@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
+from temporalio.common import SearchAttributeKey
 
 from makima.models import (
     Confidence,
@@ -42,6 +43,17 @@ class ActivityName(StrEnum):
     RECORD_EVENTS = "record_events"
     DELIVER_NOTIFICATION = "deliver_notification"
 
+
+# --------------------------------------------------------------------------- search attributes
+
+#: What Temporal's visibility indexes of a directive. The dev server registers
+#: them at start (other clusters by hand: README, "Temporal UI"); the starter
+#: sets them only where they are registered, and the workflow keeps them current
+#: only when it was started with them.
+STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaStatus")
+OWNER_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaOwner")
+GENERATION_ATTRIBUTE = SearchAttributeKey.for_int("MakimaGeneration")
+SEARCH_ATTRIBUTES = (STATUS_ATTRIBUTE, OWNER_ATTRIBUTE, GENERATION_ATTRIBUTE)
 
 # --------------------------------------------------------------------------- naming
 

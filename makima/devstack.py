@@ -31,13 +31,11 @@ from typing import Any
 from temporalio.client import Client
 
 from makima.connection import connect_temporal, task_queue
+from makima.contracts import SEARCH_ATTRIBUTES
 from makima.errors import MakimaError
 from makima.process import redact_url, tool_environment
 from makima.store.embedded import makima_home, running_embedded, start_embedded, stop_embedded
 
-#: Registered by the dev server at start (and, on other clusters, by hand: README).
-SEARCH_ATTRIBUTES = {"MakimaStatus": "Keyword", "MakimaOwner": "Keyword",
-                     "MakimaGeneration": "Int"}
 SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 READY_TIMEOUT = 60.0
 
@@ -63,8 +61,9 @@ def temporal_command(*, ip: str, port: int, ui_port: int | None, db_file: Path,
                *ui, "--db-filename", str(db_file), "--log-level", log_level]
     for pragma in SQLITE_PRAGMAS:
         command += ["--sqlite-pragma", pragma]
-    for name, kind in SEARCH_ATTRIBUTES.items():
-        command += ["--search-attribute", f"{name}={kind}"]
+    for key in SEARCH_ATTRIBUTES:  # "MakimaStatus=Keyword", "MakimaGeneration=Int"
+        command += ["--search-attribute",
+                    f"{key.name}={key.indexed_value_type.name.title()}"]
     return command
 
 

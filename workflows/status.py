@@ -9,18 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
-    from makima.contracts import EventType, Severity
+    from makima.contracts import GENERATION_ATTRIBUTE, STATUS_ATTRIBUTE, EventType, Severity
     from makima.models import DirectiveSnapshot, DirectiveStatus, StepState
-
-
-#: Kept current only when the directive was started with them (the starter sets
-#: them on clusters where they are registered; see README, "Temporal UI").
-STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaStatus")
-OWNER_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaOwner")
-GENERATION_ATTRIBUTE = SearchAttributeKey.for_int("MakimaGeneration")
 
 
 class Phase:

@@ -30,13 +30,19 @@ from temporalio.client import (
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from makima.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, render
 from makima.connection import connect_temporal, task_queue
-from makima.contracts import new_directive_id
+from makima.contracts import (
+    GENERATION_ATTRIBUTE,
+    OWNER_ATTRIBUTE,
+    SEARCH_ATTRIBUTES,
+    STATUS_ATTRIBUTE,
+    new_directive_id,
+)
 from makima.models import (
     ApprovalDecision,
     BudgetRaise,
@@ -50,9 +56,6 @@ from makima.models import (
 )
 
 WORKFLOW_TYPE = "DirectiveWorkflow"
-STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaStatus")
-OWNER_ATTRIBUTE = SearchAttributeKey.for_keyword("MakimaOwner")
-GENERATION_ATTRIBUTE = SearchAttributeKey.for_int("MakimaGeneration")
 POLL_SECONDS = 0.5
 
 
@@ -106,8 +109,7 @@ async def cluster_has_search_attributes(client: Client) -> bool:
             ListSearchAttributesRequest(namespace=client.namespace))
     except Exception:
         return False  # never fail a start for the sake of the list view
-    names = set(answer.custom_attributes)
-    return {"MakimaStatus", "MakimaOwner", "MakimaGeneration"} <= names
+    return {key.name for key in SEARCH_ATTRIBUTES} <= set(answer.custom_attributes)
 
 
 async def start_directive(client: Client, spec: DirectiveSpec,
