@@ -152,6 +152,9 @@ def test_a_person_reviews_and_decides_in_the_browser(dev_stack: RunningDev, cons
             page.goto(f"{console}/directives/{approve_me}")
             page.evaluate("window.__notReloaded = true")
             expect(page.locator("#directive-status")).to_have_text("active")
+            actions = page.locator("#actions")
+            expect(actions.locator("button")).to_have_text(["Pause", "Stop", "Raise budget",
+                                                            "Update goal"])
             step = page.locator("#step-greeting")
             step.locator("textarea[name=comment]").fill("reads well")
             step.locator("button.approve").click()
@@ -162,6 +165,11 @@ def test_a_person_reviews_and_decides_in_the_browser(dev_stack: RunningDev, cons
             expect(page.locator("#step-node-farewell")).to_contain_text("passed")
             expect(page.locator("#events")).to_contain_text("all 2 steps passed")
             expect(page.locator("#step-greeting")).to_contain_text('approved by ana: “reads well”')
+            # nothing can change an ended directive: its actions are gone, live too
+            expect(actions.locator("button")).to_have_count(0)
+            expect(page.locator("#ended")).to_contain_text(
+                f"This directive has ended (completed); nothing can be changed any more. "
+                f"Its work is on makima/{approve_me}.")
             assert page.evaluate("window.__notReloaded") is True
             shoot(page, "completed-live")
 
@@ -176,6 +184,9 @@ def test_a_person_reviews_and_decides_in_the_browser(dev_stack: RunningDev, cons
                                                                          timeout=40_000)
             expect(page.locator("#step-risky")).to_contain_text(
                 "denied by ana: “never delete the root”")
+            expect(page.locator("#directive-status")).to_have_text("failed", timeout=40_000)
+            expect(page.locator(".headline .reason")).to_contain_text("step 'risky' blocked")
+            expect(page.locator("#actions button")).to_have_count(0)
             shoot(page, "denied")
         finally:
             browser.close()
