@@ -164,3 +164,63 @@ def test_who_is_signed_in() -> None:
     proxied = access_for("0.0.0.0", {"MAKIMA_CONSOLE_AUTH_HEADER": "X-Forwarded-User"}, "me")
     assert signed_in(proxied, {"x-forwarded-user": "carol"}) == "carol"
     assert signed_in(proxied, {}) is None
+
+
+def test_a_hundred_open_pages_share_one_listen_connection(dev_stack: RunningDev,
+                                                          sample_repo: Path,
+                                                          tmp_path: Path) -> None:
+    """Every open directive page follows its events; with one pooled connection
+    each, the console's pool ran dry at POOL_SIZE tabs and both the streams past it
+    and every page read hung. All get the event, and pages still answer."""
+    import asyncio
+    import re
+
+    from makima.console import POOL_SIZE
+
+    directive_id = start_yellow(dev_stack, tmp_path, sample_repo)
+    status, html = get(f"{dev_stack.console_url}/directives/{directive_id}")
+    assert status == 200
+    events_path = re.search(r'data-events="([^"]+)"', html).group(1).replace("&amp;", "&")
+    host, port = urllib.parse.urlsplit(dev_stack.console_url).netloc.split(":")
+    tabs = 100
+    assert tabs > 3 * POOL_SIZE
+
+    async def follow(opened: asyncio.Queue) -> dict:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {events_path} HTTP/1.1\r\nHost: {host}\r\n"
+                     "Accept: text/event-stream\r\n\r\n".encode())
+        await writer.drain()
+        try:
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await opened.put(1)
+            while True:
+                line = (await reader.readline()).decode()
+                assert line, "the stream ended"
+                if line.startswith("data: "):  # (chunked: data lines arrive whole)
+                    event = json.loads(line[len("data: "):])
+                    if event["type"] == "directive_status" and "paused" in event["line"]:
+                        return event
+        finally:
+            writer.close()
+
+    async def main() -> list[dict]:
+        opened: asyncio.Queue = asyncio.Queue()
+        followers = [asyncio.create_task(follow(opened)) for _ in range(tabs)]
+        try:
+            for _ in range(tabs):
+                await asyncio.wait_for(opened.get(), 60)
+            # every tab is open: reads still get a connection
+            status, page = await asyncio.to_thread(get, dev_stack.console_url + "/")
+            assert status == 200 and directive_id in page
+            status, answer = await asyncio.to_thread(
+                post, f"{dev_stack.console_url}/directives/{directive_id}/actions/pause", {})
+            assert status == 200, answer
+            return await asyncio.wait_for(asyncio.gather(*followers), 60)
+        finally:
+            for task in followers:
+                task.cancel()
+
+    seen = asyncio.run(main())
+    assert len(seen) == tabs and len({e["position"] for e in seen}) == 1
+    status, answer = post(f"{dev_stack.console_url}/directives/{directive_id}/actions/stop", {})
+    assert status == 200, answer

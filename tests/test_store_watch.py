@@ -124,3 +124,54 @@ async def test_an_uncommitted_batch_holds_back_later_writers_so_no_position_is_s
     assert [(e.position, e.source) for e in seen] == [
         (1, d), (2, a.source), (3, a.source), (4, b.source), (5, b.source)
     ]
+
+
+async def test_watchers_sharing_a_listener_all_hear_and_survive_a_lost_connection(
+    pg_pool: asyncpg.Pool,  # noqa: F811
+) -> None:
+    from makima.store.watch import SharedListener
+
+    d = unique_id()
+    emit = Emitter(d)
+    await record_events(pg_pool, [started(emit)])
+    listener = SharedListener(pg_pool)
+    seen: dict[int, list[int]] = {i: [] for i in range(5)}
+    heard = asyncio.Event()
+
+    async def read(i: int, until: int) -> None:
+        async for event in watch_events(pg_pool, d, after=1, poll_interval=60,
+                                        listener=listener):
+            seen[i].append(event.position)
+            if all(len(s) >= 1 for s in seen.values()):
+                heard.set()
+            if len(seen[i]) == until:
+                return
+
+    readers = [asyncio.create_task(read(i, 2)) for i in range(5)]
+    try:
+        await asyncio.sleep(0.3)
+        assert listener.channels == 1  # five watchers, one LISTEN
+        await record_events(pg_pool, [emit(EventType.MERGED, {})])
+        await asyncio.wait_for(heard.wait(), 10)
+        # the shared connection dies: the watchers re-read and a new one LISTENs
+        async with pg_pool.acquire() as conn:
+            ended = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        assert ended == 1
+        await asyncio.sleep(0.5)
+        await record_events(pg_pool, [emit(EventType.MERGED, {})])
+        await asyncio.wait_for(asyncio.gather(*readers), 10)  # poll_interval is 60 s
+        assert all(s == [2, 3] for s in seen.values()), seen
+        # a watcher that leaves (a closed tab is a cancelled one) stops listening
+        leaving = asyncio.create_task(read(0, 99))
+        await asyncio.sleep(0.3)
+        assert listener.channels == 1
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert listener.channels == 0
+    finally:
+        for task in readers:
+            task.cancel()
+        await listener.close()

@@ -18,6 +18,9 @@ import os
 from collections.abc import AsyncIterator
 
 DEFAULT_PORT = 8234
+#: Postgres connections a console holds at most: page reads borrow one each for a
+#: moment, and every open page's live events share one LISTEN connection.
+POOL_SIZE = 10
 
 
 @contextlib.asynccontextmanager
@@ -32,14 +35,16 @@ async def running_console(host: str, port: int, *, database_url: str | None = No
     from makima.console.auth import access_for
     from makima.review import os_user
     from makima.store import create_pool
+    from makima.store.watch import SharedListener
 
     access = access_for(host, os.environ, os_user())
-    pool = await create_pool(database_url, min_size=1, max_size=10)
+    pool = await create_pool(database_url, min_size=1, max_size=POOL_SIZE)
+    listener = SharedListener(pool)
     server = None
     task = None
     try:
         app = build_app(Console(pool=pool, temporal=lazy_temporal(temporal_address), access=access,
-                                ui_url=ui_url))
+                                ui_url=ui_url, listener=listener))
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                lifespan="off", timeout_graceful_shutdown=2))
         task = asyncio.create_task(server.serve())
@@ -55,6 +60,7 @@ async def running_console(host: str, port: int, *, database_url: str | None = No
             server.should_exit = True
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 10)
+        await listener.close()
         await pool.close()
 
 

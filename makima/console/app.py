@@ -47,7 +47,7 @@ from makima.models import ApprovalDecision, BudgetRaise, Empty, GoalUpdate, Stop
 from makima.review import DiffUnavailable, age, attempt_diff, why_waiting
 from makima.store import reads
 from makima.store.errors import InvalidFilter, NotFound
-from makima.store.watch import watch_events
+from makima.store.watch import SharedListener, watch_events
 
 HERE = Path(__file__).parent
 DIFF_FORMATTER = HtmlFormatter(nowrap=False, cssclass="hl")
@@ -59,6 +59,8 @@ class Console:
     temporal: Callable[[], Any]  # async () -> Client, connected on first use
     access: Access
     ui_url: str = ""
+    #: wakes every open page's event stream; None: each stream LISTENs on its own
+    listener: SharedListener | None = None
 
 
 def _templates() -> Environment:
@@ -198,12 +200,14 @@ def _esc(text: str) -> str:
 async def directive_events(request: Request) -> Response:
     console: Console = request.app.state.console
     directive_id = request.path_params["id"]
-    after = _int(request.query_params.get("after")) or 0
+    # A browser that reconnects sends the last id it saw; the page's `after` is older.
+    after = max(_int(request.query_params.get("after")) or 0,
+                _int(request.headers.get("last-event-id")) or 0)
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
         async for event in watch_events(console.pool, directive_id, after=after,
-                                        must_exist=False):
+                                        must_exist=False, listener=console.listener):
             payload = {"position": event.position, "line": event_line(event),
                        "type": event.type}
             yield f"id: {event.position}\ndata: {json.dumps(payload)}\n\n"
