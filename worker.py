@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -59,6 +60,7 @@ from makima.executors.claude_code import claude_code_preflight
 from makima.git import makima_home
 from makima.lifeline import reap_orphans
 from makima.llm.client import LLMClient, llm_from_env
+from makima.report import pull_request_report
 from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
 from workflows.directive import DirectiveWorkflow
@@ -71,7 +73,8 @@ log = logging.getLogger("makima.worker")
 def all_activities(llm: LLMClient | None, pool: Any, *,
                    max_concurrent_steps: int | None = None,
                    worker_queue: str = "") -> list[Callable[..., Any]]:
-    execution = ExecutionActivities(worker_queue=worker_queue)
+    execution = ExecutionActivities(worker_queue=worker_queue,
+                                    reports=functools.partial(pull_request_report, pool))
     execution_activities = execution.activities()
     if max_concurrent_steps is not None:
         execution_activities = [

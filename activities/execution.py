@@ -31,7 +31,7 @@ from typing import Any
 from temporalio import activity
 
 from activities.errors import translated_errors
-from makima.completion import complete
+from makima.completion import ReportSource, complete
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import (
     ActivityName,
@@ -126,13 +126,16 @@ class ExecutionActivities:
 
     def __init__(self, home: Path | None = None, *, worker_queue: str = "",
                  heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
-                 executors: Callable[[Any], Executor] = executor_for) -> None:
+                 executors: Callable[[Any], Executor] = executor_for,
+                 reports: ReportSource | None = None) -> None:
         self.home = (home or makima_home()).resolve()
         self.heartbeat_interval = heartbeat_interval
         #: this worker's own task queue, where the attempts whose worktrees it holds
         #: are evaluated and cleaned up (worker.py)
         self.worker_queue = worker_queue
         self.executors = executors
+        #: the directive's report, the body of the pull request `completion: pr` opens
+        self.reports = reports
 
     def activities(self) -> list[Callable[..., Any]]:
         return [self.prepare_repository, self.execute_step, self.checkout_step,
@@ -405,7 +408,7 @@ class ExecutionActivities:
             repo = await self._open(input.spec.repository)
             async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
                 await repo.fetch_branch(input.integration_branch)
-                return await complete(repo, input)
+                return await complete(repo, input, self.reports)
 
 
 async def _catch_up(repo: GitRepository, worktree: Path, integration_head: str,

@@ -5,8 +5,9 @@
   saying why) when the base branch moved since the directive started or when
   its checked-out working tree has changes that would be overwritten;
 - `pr`: the branch is pushed and a pull request opened with `gh pr create`,
-  whose body is the directive's goal and per-step evidence; when `gh` is not on
-  PATH or the repository has no remote, nothing happens and the answer says so.
+  whose body is the directive's report (makima/report.py: each acceptance
+  criterion with its evidence, each step's outcome); when `gh` is not on PATH
+  or the repository has no remote, nothing happens and the answer says so.
 
 Never raises for those refusals: the directive is complete either way, and the
 answer (`CompleteOutput.done=False` with the reason) becomes an event.
@@ -15,6 +16,7 @@ answer (`CompleteOutput.done=False` with the reason) becomes an event.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Awaitable, Callable
 
 from makima.contracts import CompleteInput, CompleteOutput
 from makima.git import REMOTE, GitRepository, git
@@ -25,8 +27,12 @@ from makima.process import run_process
 MAX_PR_BODY = 60_000
 GH_TIMEOUT_SECONDS = 120.0
 
+#: Writes a completed directive's report (the worker's: report.pull_request_report).
+ReportSource = Callable[[CompleteInput], Awaitable[str]]
 
-async def complete(repo: GitRepository, request: CompleteInput) -> CompleteOutput:
+
+async def complete(repo: GitRepository, request: CompleteInput,
+                   report: ReportSource | None = None) -> CompleteOutput:
     mode = Completion(request.spec.completion)
     branch = request.integration_branch
     head = await repo.branch_head(branch)
@@ -36,7 +42,7 @@ async def complete(repo: GitRepository, request: CompleteInput) -> CompleteOutpu
     if mode is Completion.MERGE:
         return await _fast_forward(repo, request, head)
     if mode is Completion.PR:
-        return await _pull_request(repo, request)
+        return await _pull_request(repo, request, report)
     return CompleteOutput(completion=mode.value, done=True,
                           message=f"integration branch {branch} left for review at {head[:12]}")
 
@@ -78,31 +84,8 @@ async def _fast_forward(repo: GitRepository, request: CompleteInput, head: str) 
                           message=f"fast-forwarded {base_branch} from {base[:12]} to {head[:12]}")
 
 
-def pull_request_body(request: CompleteInput) -> str:
-    spec = request.spec
-    lines = [f"## Goal\n\n{spec.goal.strip()}", ""]
-    if spec.acceptance_criteria:
-        lines.append("## Acceptance criteria\n")
-        lines += [f"- {item}" for item in spec.acceptance_criteria]
-        lines.append("")
-    lines.append("## Steps\n")
-    for step in request.steps:
-        score = f", score {step.score:.2f}" if step.score is not None else ""
-        confidence = f" ({step.confidence.value})" if step.confidence is not None else ""
-        commit = f", commit `{step.commit[:12]}`" if step.commit else ""
-        lines.append(f"### {step.name}: {step.status.value}{confidence}{score}{commit}")
-        lines.append(f"attempts: {step.attempts}")
-        if step.description:
-            lines.append(step.description)
-        if step.summary:
-            lines.append(f"\n{step.summary}")
-        lines.append("")
-    lines.append(f"_Opened by makima for directive `{request.directive_id}`._")
-    body = "\n".join(lines)
-    return body if len(body) <= MAX_PR_BODY else body[:MAX_PR_BODY] + "\n\n[… truncated]"
-
-
-async def _pull_request(repo: GitRepository, request: CompleteInput) -> CompleteOutput:
+async def _pull_request(repo: GitRepository, request: CompleteInput,
+                        report: ReportSource | None) -> CompleteOutput:
     branch = request.integration_branch
     gh = shutil.which("gh")
     if gh is None:
@@ -113,14 +96,22 @@ async def _pull_request(repo: GitRepository, request: CompleteInput) -> Complete
         return CompleteOutput(completion="pr", done=False, message=(
             f"no pull request opened: the repository has no remote named {REMOTE!r}; the work "
             f"is on branch {branch}"))
+    if report is None:
+        return CompleteOutput(completion="pr", done=False, message=(
+            f"no pull request opened: this worker has no read model to write the "
+            f"directive's report from; the work is on branch {branch}"))
     push = await repo.run("push", "--quiet", REMOTE, f"refs/heads/{branch}:refs/heads/{branch}",
                           check=False)
     if push.code != 0:
         return CompleteOutput(completion="pr", done=False,
                               message=f"could not push {branch}: {push.stderr.strip()[-1500:]}")
+    body = await report(request)
+    if len(body) > MAX_PR_BODY:
+        body = body[:MAX_PR_BODY] + f"\n\n[… truncated: `makima report {request.directive_id}`" \
+                                    " prints it whole]\n"
     result = await run_process(
         [gh, "pr", "create", "--base", request.spec.repository.base_branch, "--head", branch,
-         "--title", request.spec.title, "--body", pull_request_body(request)],
+         "--title", request.spec.title, "--body", body],
         cwd=repo.path, timeout_seconds=GH_TIMEOUT_SECONDS)
     output = result.output.strip()
     if result.exit_code != 0:

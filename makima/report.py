@@ -4,14 +4,18 @@ checks that ran with command and exit code, the verdict, the commit), a
 criterion that nothing evidenced said so plainly, then every step's outcome.
 
 `directive_report(db, id)` reads the read model; `render_report(...)` is pure.
-Shown by `makima report ID` and on the console's directive page.
+Shown by `makima report ID`, on the console's directive page, and as the body
+of the pull request that `completion: pr` opens (`pull_request_report`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass, field
 
+from makima.contracts import CompleteInput
 from makima.store import reads
 from makima.store.reads import AttemptRecord, DirectiveDetail, StepDetail
 
@@ -127,3 +131,28 @@ async def directive_report(db: reads.Database, directive_id: str) -> str:
     steps = [await reads.get_step(db, directive_id, s.name, generation=s.generation)
              for s in detail.steps]
     return render_report(detail, steps, await reads.merge_commits(db, directive_id))
+
+
+#: How long a completion waits for the read model to record every step's merge.
+READ_MODEL_WAIT_SECONDS = 30.0
+
+
+async def pull_request_report(db: reads.Database, request: CompleteInput, *,
+                              wait_seconds: float = READ_MODEL_WAIT_SECONDS) -> str:
+    """The report of a directive whose steps all passed, as its pull request's
+    body: the same text `makima report ID` prints once it has ended. The
+    workflow records events without waiting for them, so this first waits (a
+    bounded time) until the read model holds every step's merge, and it calls
+    the directive completed, which the read model will say a moment later."""
+    wanted = {(s.generation, s.name) for s in request.steps}
+    deadline = time.monotonic() + wait_seconds
+    merged = await reads.merge_commits(db, request.directive_id)
+    while not wanted <= merged.keys() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        merged = await reads.merge_commits(db, request.directive_id)
+    detail = await reads.get_directive(db, request.directive_id)
+    detail.directive = detail.directive.model_copy(update={
+        "status": "completed", "reason": f"all {len(request.steps)} steps passed"})
+    steps = [await reads.get_step(db, request.directive_id, s.name, generation=s.generation)
+             for s in detail.steps]
+    return render_report(detail, steps, merged)

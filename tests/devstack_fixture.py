@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from makima.store.embedded import running_embedded, stop_embedded
+from tests.fakes.repos import install_fake
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTER = ROOT / "starter.py"
@@ -141,6 +142,10 @@ def dev_stack() -> Iterator[RunningDev]:
     # short path: the embedded Postgres keeps its unix socket in there
     home = Path(tempfile.mkdtemp(prefix="mk-dev-"))
     env = dev_env(home)
+    # `completion: pr` runs the stand-in GitHub CLI, which logs its calls to gh.log
+    install_fake("gh", home / "bin")
+    env.update(PATH=f"{home / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}",
+               FAKE_GH_LOG=str(home / "gh.log"))
     process, lines = start_dev(home, env)
     try:
         ready = next(line for line in lines if line.startswith("makima dev: ready"))

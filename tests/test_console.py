@@ -128,6 +128,36 @@ def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sampl
     assert missing.returncode == 2 and "no directive with id 'directive-nope'" in missing.stderr
 
 
+def test_completion_pr_opens_a_pull_request_whose_body_is_the_report(
+        dev_stack: RunningDev, sample_repo: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "--bare", "--quiet", str(remote)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(remote)], cwd=sample_repo, check=True)
+    spec = tmp_path / "pr.yaml"
+    spec.write_text(yaml.safe_dump({
+        "title": "open a pull request", "goal": "write ok.txt", "executor": "shell",
+        "completion": "pr", "repository": {"path": str(sample_repo)},
+        "acceptance_criteria": ["ok.txt exists", "nobody checks this"],
+        "plan": {"steps": [{"name": "checked", "command": "echo ok > ok.txt",
+                            "verify": ["test -f ok.txt"]}]}}))
+    directive_id = f"directive-pr-{uuid.uuid4().hex[:8]}"
+    done = dev_stack.cli("start", str(spec), "--id", directive_id, "--wait", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [json.loads(line) for line in (dev_stack.home / "gh.log").read_text().splitlines()]
+    [argv] = [c["argv"] for c in calls if f"makima/{directive_id}" in c["argv"]]
+    assert argv[argv.index("--title") + 1] == "open a pull request"
+    body = argv[argv.index("--body") + 1]
+    report = dev_stack.cli("report", directive_id).stdout
+    assert body == report  # one source: the PR says what `makima report` says
+    assert body.startswith(f"# open a pull request\n\nmakima directive `{directive_id}`: "
+                           "**completed** (all 1 steps passed)")
+    assert "- [ ] nobody checks this\n  - **no evidence**" in body
+    assert "- `checked` **passed**, attempt 1" in body and "`test -f ok.txt`: exit 0" in body
+    assert "merged into `makima/" in body
+    events = dev_stack.cli("events", directive_id).stdout
+    assert "opened a pull request for makima/" in events
+
+
 def test_the_console_refuses_to_listen_open_beyond_loopback(dev_stack: RunningDev) -> None:
     done = subprocess.run([sys.executable, str(STARTER), "console", "--host", "0.0.0.0",
                            "--port", "0"], env=dev_stack.env, cwd=ROOT, capture_output=True,

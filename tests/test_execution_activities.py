@@ -22,6 +22,7 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.execution import ExecutionActivities
+from makima.completion import MAX_PR_BODY
 from makima.contracts import (
     CheckoutInput,
     CleanupInput,
@@ -328,9 +329,12 @@ async def test_merge_completion_refuses_when_the_base_branch_moved(
     assert sh("git", "rev-parse", "main", cwd=repo) == moved
 
 
-async def test_pr_completion_pushes_and_calls_gh_with_title_and_evidence(
+async def test_pr_completion_pushes_and_opens_a_pull_request_whose_body_is_the_report(
         acts: ExecutionActivities, repo: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body is what the worker's report source writes (the read model's
+    report: tests/test_console.py checks it is `makima report`'s text), cut to
+    what GitHub accepts; without a report source no pull request is opened."""
     remote = tmp_path / "origin.git"
     sh("git", "init", "--bare", "--quiet", str(remote), cwd=tmp_path)
     sh("git", "remote", "add", "origin", str(remote), cwd=repo)
@@ -342,8 +346,20 @@ async def test_pr_completion_pushes_and_calls_gh_with_title_and_evidence(
 
     request = await _directive_with_work(acts, Repository(path=str(repo)), Completion.PR)
     out = await acts.complete_directive(request)
+    assert not out.done and "no read model to write the directive's report" in out.message
+    assert not gh_log.exists()
+
+    asked = []
+
+    async def report(for_request: CompleteInput) -> str:
+        asked.append(for_request.directive_id)
+        return "# Test\n\n- [x] does things\n" + "x" * (MAX_PR_BODY + 10)
+
+    acts.reports = report
+    out = await acts.complete_directive(request)
     assert out.done, out.message
     assert out.url == "https://github.example/acme/repo/pull/7"
+    assert asked == [request.directive_id]
     call = json.loads(gh_log.read_text().splitlines()[0])
     argv = call["argv"]
     assert argv[:2] == ["pr", "create"]
@@ -351,8 +367,10 @@ async def test_pr_completion_pushes_and_calls_gh_with_title_and_evidence(
     assert argv[argv.index("--head") + 1] == request.integration_branch
     assert argv[argv.index("--title") + 1] == "Test"
     body = argv[argv.index("--body") + 1]
-    assert "do things" in body and "feature" in body and "added feature.txt" in body
-    assert "0.93" in body
+    assert body.startswith("# Test\n\n- [x] does things\nxxx")
+    assert body.endswith(f"[… truncated: `makima report {request.directive_id}` prints it "
+                         "whole]\n")
+    assert len(body) < MAX_PR_BODY + 100
     # The branch was pushed before the pull request was asked for.
     assert sh("git", "rev-parse", request.integration_branch, cwd=remote)
 
