@@ -21,7 +21,7 @@ from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
 from activities.planning import PlanningActivities
 from activities.record import RecordActivities
-from makima.cli.render import status_view
+from makima.cli.views import plain_text, status_view
 from makima.models import DirectiveSpec, DirectiveStatus
 from tests.fakes.repos import make_repo, set_identity
 from tests.postgres_fixture import pg_pool, postgres  # noqa: F401 (fixtures)
@@ -103,5 +103,5 @@ async def test_the_clis_stderr_is_what_status_shows_when_claude_code_fails(
             await handle.result()
         snapshot = await status(handle)  # what `makima status` renders
     assert snapshot.status is DirectiveStatus.FAILED
-    shown = status_view(snapshot)
+    shown = plain_text(status_view(snapshot, plain=True))
     assert "its stderr ended with" in shown and "bogusMode" in shown, shown

@@ -48,6 +48,36 @@ def inbox_entries(dev: RunningDev, directive_id: str) -> list[dict]:
     return [i for i in json.loads(done.stdout) if i["directive_id"] == directive_id]
 
 
+def on_terminal(dev: RunningDev, *args: str) -> str:
+    """`makima ARGS` on a pseudo-terminal, as a person runs it: everything it wrote."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(STARTER), *args],
+                               env={**dev.env, "COLUMNS": "200"}, cwd=ROOT, stdin=follower,
+                               stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(60) == 0, output
+    os.close(leader)
+    return output.decode(errors="replace")
+
+
+def without_colour(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).replace("\r\n", "\n")
+
+
 def test_inbox_show_list_and_a_decision_by_the_os_user(dev_stack: RunningDev,
                                                        sample_repo: Path,
                                                        tmp_path: Path) -> None:
@@ -80,6 +110,16 @@ def test_inbox_show_list_and_a_decision_by_the_os_user(dev_stack: RunningDev,
     assert missing.returncode == 2 and "has no attempt 7; its attempts: 1" in missing.stderr
     unknown = dev_stack.cli("show", directive_id, "nosuch")
     assert unknown.returncode == 2 and "no step 'nosuch'" in unknown.stderr
+
+    # on a terminal the same views are drawn in colour, the list with progress bars
+    drawn = on_terminal(dev_stack, "inbox")
+    assert "\x1b[" in drawn
+    assert f"makima approve {directive_id} greeting --attempt 1" in without_colour(drawn)
+    drawn = on_terminal(dev_stack, "list", "--waiting")
+    assert "\x1b[" in drawn and "━" in drawn and directive_id in without_colour(drawn)
+    drawn = on_terminal(dev_stack, "show", directive_id, "greeting", "--diff")
+    assert "\x1b[" in drawn and "nothing verified this" in without_colour(drawn)
+    assert "hello, reviewer" in without_colour(drawn)
 
     listed = dev_stack.cli("list", "--waiting").stdout
     row = next(line for line in listed.splitlines() if line.startswith(directive_id))
@@ -217,7 +257,7 @@ def test_elapsed_is_computed_when_read_and_wait_draws_live_on_a_terminal(
     time.sleep(2.0)
     second = json.loads(dev_stack.cli("status", directive_id, "--json").stdout)
     assert second["elapsed_seconds"] - first["elapsed_seconds"] >= 1.5, (first, second)
-    assert "elapsed    " in dev_stack.cli("status", directive_id).stdout
+    assert "elapsed:    " in dev_stack.cli("status", directive_id).stdout
 
     assert dev_stack.cli("approve", directive_id, "idle", "--attempt", "1").returncode == 0
     output = b""

@@ -34,7 +34,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from makima.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, render
+from makima.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, render, views
 from makima.connection import connect_temporal, task_queue
 from makima.contracts import (
     GENERATION_ATTRIBUTE,
@@ -51,6 +51,7 @@ from makima.models import (
     DirectiveStatus,
     Empty,
     GoalUpdate,
+    StepStatus,
     StopRequest,
     UpdateAnswer,
 )
@@ -143,7 +144,7 @@ async def follow_directive(client: Client, directive_id: str, *, show: bool = Tr
     handle = client.get_workflow_handle(directive_id)  # no run id: follows continue-as-new
     started = await directive_started_at(client, directive_id)
     live = None
-    if show and sys.stdout.isatty():
+    if show and views.is_terminal():
         from rich.live import Live
 
         live = Live(auto_refresh=False, transient=False)
@@ -153,12 +154,10 @@ async def follow_directive(client: Client, directive_id: str, *, show: bool = Tr
         while True:
             snapshot = with_elapsed_now(await query_status(handle), started)
             if live is not None:
-                from makima.cli.live import live_renderable
-
-                live.update(live_renderable(snapshot), refresh=True)
+                live.update(views.live_view(snapshot, plain=False), refresh=True)
             elif show:
-                view = render.live_view(snapshot)
-                comparable = view.split("\n", 1)[1]  # without the headline's ticking clock
+                view = views.plain_text(views.live_view(snapshot, plain=True))
+                comparable = view.partition("\n")[2]  # without the headline's ticking clock
                 if comparable != last:
                     print(view + "\n", flush=True)
                 last = comparable
@@ -222,7 +221,7 @@ async def cmd_start(args: Any) -> int:
         raise CommandError(130, "") from None
     if args.json:
         emit_json(final)
-    else:
+    elif any(s.status is StepStatus.PASSED for s in final.steps):  # work to look at
         print(f"\nbranch: {final.integration_branch}\n"
               f"  review: git -C {spec.repository.location} diff "
               f"{spec.repository.base_branch}...{final.integration_branch} --stat")
@@ -265,7 +264,7 @@ async def cmd_status(args: Any) -> int:
     if args.json:
         emit_json(snapshot)
     else:
-        print(render.status_view(snapshot))
+        views.out(views.status_view(snapshot, plain=not views.is_terminal()))
         print(f"\nUI: {ui_link(args.id)}")
     return EXIT_OK
 
@@ -297,7 +296,7 @@ async def cmd_list(args: Any) -> int:
         if args.json:
             emit_json([d.model_dump(mode="json") for d in found])
         else:
-            print(render.directive_list(found))
+            views.out(views.directive_list(found, plain=not views.is_terminal()))
         return EXIT_OK
 
     return await _with_pool(work)

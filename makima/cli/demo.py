@@ -17,7 +17,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from makima.cli import EXIT_OK, EXIT_REFUSED, render
+from makima.cli import EXIT_OK, EXIT_REFUSED, views
 from makima.cli.commands import follow_directive, send_update, start_directive
 from makima.cli.spec import load_spec
 from makima.connection import task_queue
@@ -124,7 +124,7 @@ async def run_demo(*, workdir: Path | None = None, port: int | None = None,
         print(f"demo: started {handle.id}\ndemo: watch it in the Temporal UI: {link}", flush=True)
         approver = YellowApprover(stack.client, handle.id)
         final = await follow_directive(stack.client, handle.id, on_snapshot=approver)
-        print(render.status_view(final))
+        views.out(views.status_view(final, plain=not views.is_terminal()))
         print()
         if final.status is not DirectiveStatus.COMPLETED:
             print(f"demo: the directive ended {final.status.value}: {final.reason}")

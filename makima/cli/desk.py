@@ -8,40 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from makima.cli import EXIT_BAD_INPUT, EXIT_OK
+from makima.cli import EXIT_BAD_INPUT, EXIT_OK, views
 from makima.cli.commands import CommandError, _with_pool, emit_json
 from makima.review import DiffUnavailable, age, attempt_diff, why_waiting
-from makima.store.reads import AttemptRecord, InboxItem, StepDetail
-
-
-def _quote(word: str) -> str:
-    import shlex
-
-    return shlex.quote(word)
-
-
-def inbox_text(items: list[InboxItem]) -> str:
-    if not items:
-        return "nothing waits for a person"
-    blocks = []
-    for item in items:
-        ref = f"{_quote(item.directive_id)} {_quote(item.step)}"
-        score = f"  score {item.score:.2f}" if item.score is not None else ""
-        lines = [f"{item.directive_id}  {item.step}  attempt {item.attempt}  "
-                 f"waiting {age(item.requested_at)}{score}",
-                 f"  title:      {item.title}",
-                 f"  repository: {item.repository}"]
-        if item.branch:
-            lines.append(f"  branch:     {item.branch} @ {(item.commit or 'no commit')[:12]}")
-        lines += [f"  why:        {reason}" for reason in
-                  why_waiting(item.checks, item.criteria, item.score, item.summary)]
-        if item.approvers:
-            lines.append(f"  approvers:  {', '.join(item.approvers)}")
-        lines += [f"  show:       makima show {ref} --attempt {item.attempt} --diff",
-                  f"  approve:    makima approve {ref} --attempt {item.attempt} --comment '...'",
-                  f"  deny:       makima deny {ref} --attempt {item.attempt} --comment '...'"]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
 
 
 async def cmd_inbox(args: Any) -> int:
@@ -54,51 +23,10 @@ async def cmd_inbox(args: Any) -> int:
                         "why": why_waiting(i.checks, i.criteria, i.score, i.summary)}
                        for i in items])
         else:
-            print(inbox_text(items))
+            views.out(views.inbox_view(items))
         return EXIT_OK
 
     return await _with_pool(work)
-
-
-def attempt_text(detail: StepDetail, attempt: AttemptRecord) -> list[str]:
-    lines = [f"attempt {attempt.attempt}" + (f"  {attempt.summary}" if attempt.summary else "")]
-    if attempt.branch:
-        lines.append(f"  branch:   {attempt.branch} @ {attempt.commit or 'no commit'}")
-    lines.append(f"  spend:    ${attempt.cost_usd:.4f}"
-                 + (f"  in {attempt.duration_seconds:.1f}s"
-                    if attempt.duration_seconds is not None else ""))
-    if attempt.exit_code not in (None, 0):
-        lines.append(f"  agent exited {attempt.exit_code}")
-    evaluation = attempt.evaluation
-    if evaluation is None:
-        lines.append("  not evaluated")
-    else:
-        lines.append(f"  verdict:  {evaluation.confidence} {evaluation.score:.2f}"
-                     f" by {evaluation.evaluator or 'the evaluator'}"
-                     + (f": {evaluation.summary}" if evaluation.summary else ""))
-        for check in evaluation.checks:
-            mark = "pass" if check.passed else "FAIL"
-            code = "none" if check.exit_code is None else check.exit_code
-            lines.append(f"  check {mark}: `{check.command}` exit {code}")
-            if not check.passed and check.output_tail.strip():
-                lines += [f"      {line}" for line in check.output_tail.strip().splitlines()[-8:]]
-        for criterion in evaluation.criteria:
-            mark = "met" if criterion.passed else "NOT MET"
-            lines.append(f"  criterion {mark} ({criterion.score:.2f}): {criterion.criterion}"
-                         + (f" — {criterion.evidence}" if criterion.evidence else ""))
-        if not evaluation.checks and not evaluation.criteria:
-            lines.append("  nothing verified this: no check ran and no judge looked at it")
-        if evaluation.rework_instructions:
-            lines.append(f"  rework:   {evaluation.rework_instructions}")
-    decided = [a for a in detail.approvals if a.attempt == attempt.attempt and a.decided_at]
-    for approval in decided:
-        verb = "approved" if approval.approved else "denied"
-        lines.append(f"  {verb} by {approval.decided_by}"
-                     + (f": {approval.comment}" if approval.comment else ""))
-    if attempt.output_tail.strip():
-        lines.append("  output (tail):")
-        lines += [f"      {line}" for line in attempt.output_tail.rstrip().splitlines()[-15:]]
-    return lines
 
 
 async def cmd_clean(args: Any) -> int:
@@ -149,13 +77,8 @@ async def cmd_show(args: Any) -> int:
                 raise CommandError(EXIT_BAD_INPUT, f"step {args.step!r} has no attempt "
                                                    f"{args.attempt}; its attempts: {known}")
         step = detail.step
-        print(f"{args.id}  {step.name}  {step.status}  (generation {step.generation}, "
-              f"{step.attempts} attempt{'s' if step.attempts != 1 else ''})")
-        if step.description:
-            print(f"  {step.description}")
-        for attempt in attempts:
-            print()
-            print("\n".join(attempt_text(detail, attempt)))
+        plain = not views.is_terminal()
+        views.out(views.step_view(args.id, detail, attempts))
         shown = attempts[-1] if attempts else None
         if shown is not None and shown.commit:
             spec = directive.spec or {}
@@ -164,15 +87,11 @@ async def cmd_show(args: Any) -> int:
                 diff = await attempt_diff((spec.get("repository") or {}).get("path"), base,
                                           shown.commit)
             except DiffUnavailable as error:
-                print(f"\n(no diff: {error})")
+                views.out(views.no_diff(error))
             else:
-                print(f"\ndiff of attempt {shown.attempt} against {base}:")
-                print(diff.stat or "(no changes)")
-                if args.diff:
-                    for file in diff.files:
-                        print()
-                        print(file.patch.rstrip())
-                else:
+                views.out(views.diff_view(shown.attempt, base, diff.stat,
+                                          diff.files if args.diff else None, plain=plain))
+                if not args.diff:
                     print(f"(the whole diff: makima show {args.id} {args.step} "
                           f"--attempt {shown.attempt} --diff)")
         waiting = [a for a in detail.approvals if a.decided_at is None and a.requested_at
