@@ -6,16 +6,23 @@ was billed carries what it cost (`exc.usage`) and, for an answer that never
 validated, the model's raw text, as the first detail
 (`{"usage": {...}, "raw_text": ...}`), so the workflow's cost breaker counts
 every try, the failed ones included.
+
+Every such failure is one makima expected (no credentials, a bad spec, a model
+that refused, a database that is down): the worker logs it as one line, and the
+error is BENIGN to the SDK, which then logs it without a traceback (at DEBUG).
+Tracebacks are left for what nobody expected: a bug.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from temporalio.exceptions import ApplicationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.errors import LLMRetryableError, MakimaError
@@ -32,18 +39,42 @@ def error_details(exc: MakimaError) -> dict[str, Any]:
     return details
 
 
+def expected_failure(message: str, *details: Any, type: str, non_retryable: bool = False,
+                     next_retry_delay: timedelta | None = None) -> ApplicationError:
+    """The ApplicationError for a failure makima expects, logged here as one line."""
+    if activity.in_activity():
+        info = activity.info()
+        activity.logger.warning(
+            "%s failed (try %d, %s): %s: %s", info.activity_type, info.attempt,
+            "final" if non_retryable else "Temporal retries it", type, message)
+    return ApplicationError(message, *details, type=type, non_retryable=non_retryable,
+                            next_retry_delay=next_retry_delay,
+                            category=ApplicationErrorCategory.BENIGN)
+
+
 def application_error(exc: MakimaError) -> ApplicationError:
     delay = None
     if isinstance(exc, LLMRetryableError) and exc.retry_after is not None:
         delay = timedelta(seconds=exc.retry_after)
     details = error_details(exc)
-    return ApplicationError(str(exc), *([details] if details else []), type=type(exc).__name__,
+    return expected_failure(str(exc), *([details] if details else []), type=type(exc).__name__,
                             non_retryable=exc.non_retryable, next_retry_delay=delay)
 
 
 @contextlib.contextmanager
 def translated_errors() -> Iterator[None]:
+    """Makima's errors as ApplicationError; and a cancellation that no one asked
+    for, because the workflow that wanted the work has already ended (a step
+    stopped mid-run: the server no longer knows the activity), as one line too."""
     try:
         yield
     except MakimaError as exc:
         raise application_error(exc) from exc
+    except asyncio.CancelledError:
+        why = activity.cancellation_details() if activity.in_activity() else None
+        if why is None or not (why.not_found or why.timed_out):
+            raise  # asked for (a cancel, a worker shutting down): the SDK reports it
+        raise expected_failure(
+            "cancelled: the workflow that asked for this has ended or moved on "
+            f"({'it is gone' if why.not_found else 'it timed out'})",
+            type="ActivityAbandoned", non_retryable=True) from None

@@ -14,12 +14,9 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import (
-    ApplicationError,
-    ApplicationErrorCategory,
-    WorkflowAlreadyStartedError,
-)
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
+from activities.errors import expected_failure
 from makima.connection import task_queue
 from makima.contracts import ActivityName, Event, NotifyInput, NotifyOutput
 from makima.models import CheckResult, CriterionResult
@@ -91,12 +88,9 @@ class NotifyActivities:
         try:
             status = await post_notification(url, notification.payload)
         except DeliveryFailed as error:
-            # Expected while a receiver is down: one line here, no traceback from the
-            # SDK (a benign error), and Temporal retries it (NOTIFY_RETRY_POLICY).
-            info = activity.info()
-            activity.logger.warning(
-                "notification %s not delivered (try %d): %s; retrying",
-                notification.payload.get("id"), info.attempt, error)
-            raise ApplicationError(str(error), type="DeliveryFailed",
-                                   category=ApplicationErrorCategory.BENIGN) from None
+            # Expected while a receiver is down: one line, no traceback, and Temporal
+            # retries it (NOTIFY_RETRY_POLICY).
+            raise expected_failure(
+                f"notification {notification.payload.get('id')} not delivered: {error}",
+                type="DeliveryFailed") from None
         return NotifyOutput(status=status)

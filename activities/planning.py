@@ -12,7 +12,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.errors import application_error
+from activities.errors import application_error, expected_failure
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import ActivityName, PlanInput, PlanOutput
 from makima.errors import LLMError
@@ -31,7 +31,7 @@ PLAN_MAX_TOKENS = 16_000
 
 
 def llm_not_configured(role: str) -> ApplicationError:
-    return ApplicationError(
+    return expected_failure(
         f"{role} needs an LLM but ANTHROPIC_API_KEY is not set on the worker. Set it in the "
         "worker's environment"
         + (" or give the directive a `plan`" if role == "planning" else

@@ -19,6 +19,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.errors import expected_failure
 from activities.notify import start_notifications
 from makima.contracts import ActivityName, RecordInput, RecordOutput
 from makima.store.writes import record_events
@@ -44,7 +45,7 @@ class RecordActivities:
                 f"Postgres refused the event batch: {error}", type="StoreError", non_retryable=True
             ) from error
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            raise ApplicationError(
-                f"could not record events: {error}", type="StoreError", non_retryable=False
-            ) from error
+            # Postgres down or restarting: expected, and Temporal retries until it is back
+            raise expected_failure(f"could not record events: {error}",
+                                   type="StoreError") from error
         return RecordOutput(written=written)

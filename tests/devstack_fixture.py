@@ -52,6 +52,7 @@ class RunningDev:
     ready_line: str
     console_url: str = ""
     before_ready: list[str] = field(default_factory=list)  # what it printed before `ready`
+    output: list[str] = field(default_factory=list)  # everything it printed, growing
     pids: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -154,7 +155,7 @@ def dev_stack() -> Iterator[RunningDev]:
         _SHARED.append(RunningDev(process=process, home=home, address=fields["temporal"],
                                   ui_url=fields["ui"], ready_line=ready,
                                   console_url=fields.get("console", ""),
-                                  before_ready=lines[:lines.index(ready)],
+                                  before_ready=lines[:lines.index(ready)], output=lines,
                                   pids=reported_pids(lines), env=env))
         yield _SHARED[0]
     finally:
