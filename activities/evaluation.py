@@ -18,11 +18,11 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.errors import application_error
+from activities.billing import billed_before, every_try_billed, usage_detail
+from activities.errors import translated_errors
 from activities.planning import llm_not_configured
 from makima import evaluation as ev
 from makima.contracts import ActivityName, EvaluateInput
-from makima.errors import LLMError
 from makima.llm.client import LLMClient
 from makima.llm.structured import structured_call
 from makima.models import CheckResult, Confidence, Evaluation, EvaluatorKind, Usage
@@ -48,19 +48,25 @@ class _Heartbeats:
     that runs for minutes does not look like a dead worker. Outside an activity
     (unit tests) it only remembers the progress."""
 
-    def __init__(self) -> None:
+    def __init__(self, carried: Usage) -> None:
         self.progress = "starting"
+        #: what earlier tries were billed, passed on in every heartbeat (activities/billing.py)
+        self.carried = carried
         self._task: asyncio.Task[None] | None = None
+
+    def details(self) -> list[Any]:
+        return [self.progress, usage_detail(self.carried)] if self.carried != Usage() else [
+            self.progress]
 
     def report(self, progress: str) -> None:
         self.progress = progress
         if activity.in_activity():
-            activity.heartbeat(progress)
+            activity.heartbeat(*self.details())
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_EVERY_SECONDS)
-            activity.heartbeat(self.progress)
+            activity.heartbeat(*self.details())
 
     async def __aenter__(self) -> _Heartbeats:
         if activity.in_activity():
@@ -121,8 +127,11 @@ class EvaluationActivities:
                 non_retryable=True,
             )
         judge = self._judge(spec.evaluator)
-        async with _Heartbeats() as heartbeats:
-            return await self._evaluate(request, worktree, judge, heartbeats)
+        async with _Heartbeats(billed_before()) as heartbeats:
+            # a retried try also reports what the tries before it were billed
+            with translated_errors(), every_try_billed() as earlier:
+                evaluation = await self._evaluate(request, worktree, judge, heartbeats)
+            return evaluation.model_copy(update={"usage": earlier + evaluation.usage})
 
     async def _evaluate(self, request: EvaluateInput, worktree: Path, judge: LLMClient | None,
                         heartbeats: _Heartbeats) -> Evaluation:
@@ -140,31 +149,28 @@ class EvaluationActivities:
             model = spec.models.evaluator or judge.evaluator_model
             heartbeats.report(f"judging with {model}")
             diff = await ev.diff_against(worktree, request.integration_branch)
-            try:
-                result = await structured_call(
-                    judge,
-                    output_type=ev.JudgeVerdict,
-                    tool_name=VERDICT_TOOL,
-                    tool_description=VERDICT_TOOL_DESCRIPTION,
-                    model=model,
-                    system=[
-                        {"type": "text", "text": evaluation_system()},
-                        cached_context_block(spec),
-                    ],
-                    messages=[{"role": "user", "content": evaluation_request(
-                        step=step,
-                        attempt=request.attempt,
-                        thresholds=spec.thresholds,
-                        changed_files=execution.changed_files,
-                        diff_stat=execution.diff_stat,
-                        diff=diff,
-                        agent_output=execution.output_tail,
-                        checks=checks,
-                    )}],
-                    max_tokens=JUDGE_MAX_TOKENS,
-                )
-            except LLMError as exc:
-                raise application_error(exc) from exc
+            result = await structured_call(
+                judge,
+                output_type=ev.JudgeVerdict,
+                tool_name=VERDICT_TOOL,
+                tool_description=VERDICT_TOOL_DESCRIPTION,
+                model=model,
+                system=[
+                    {"type": "text", "text": evaluation_system()},
+                    cached_context_block(spec),
+                ],
+                messages=[{"role": "user", "content": evaluation_request(
+                    step=step,
+                    attempt=request.attempt,
+                    thresholds=spec.thresholds,
+                    changed_files=execution.changed_files,
+                    diff_stat=execution.diff_stat,
+                    diff=diff,
+                    agent_output=execution.output_tail,
+                    checks=checks,
+                )}],
+                max_tokens=JUDGE_MAX_TOKENS,
+            )
             verdict, usage = result.value, result.usage
             evaluator = f"llm:{model}+checks" if checks else f"llm:{model}"
 

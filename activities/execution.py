@@ -30,6 +30,7 @@ from typing import Any
 
 from temporalio import activity
 
+from activities.billing import usage_in
 from activities.errors import translated_errors
 from makima.completion import ReportSource, complete
 from makima.constants import MAX_TEXT_IN_HISTORY
@@ -99,13 +100,6 @@ def _session_from_heartbeat(details: Any) -> str | None:
     for item in reversed(list(details or [])):
         if isinstance(item, dict) and item.get("session_id"):
             return str(item["session_id"])
-    return None
-
-
-def _usage_from_heartbeat(details: Any) -> Usage | None:
-    for item in reversed(list(details or [])):
-        if isinstance(item, dict) and item.get("usage"):
-            return Usage.model_validate(item["usage"])
     return None
 
 
@@ -183,12 +177,24 @@ class ExecutionActivities:
     async def execute_step(self, input: ExecuteInput) -> ExecuteOutput:
         # heartbeats from the first line: cloning, a lock wait and fetching take time too
         info = activity.info()
-        progress = Progress(session_id=_session_from_heartbeat(info.heartbeat_details))
+        # what earlier tries of this attempt were billed: every heartbeat passes it on
+        # (activities/billing.py), and the executor's usage starts from it
+        progress = Progress(session_id=_session_from_heartbeat(info.heartbeat_details),
+                            usage=usage_in(info.heartbeat_details))
         heartbeat = _Heartbeat(input.step.name, input.attempt, time.monotonic(), progress)
         beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
         try:
             with translated_errors():
-                return await self._execute(input, heartbeat)
+                try:
+                    return await self._execute(input, heartbeat)
+                except MakimaError as exc:
+                    # the failure reports every try's usage, and so does the last
+                    # heartbeat, for a retry
+                    if exc.usage is None:
+                        exc.usage = progress.usage
+                    progress.usage = exc.usage
+                    heartbeat.beat()
+                    raise
         finally:
             beating.cancel()
 
@@ -244,8 +250,8 @@ class ExecutionActivities:
                                                 input.integration_branch)
 
         # what earlier tries of this attempt were billed (resumed or not, it was spent)
-        resume_usage = _usage_from_heartbeat(info.heartbeat_details) if previous else None
-        progress.session_id, progress.usage = resume_session_id, resume_usage
+        resume_usage = progress.usage
+        progress.session_id = resume_session_id
         request = ExecutionRequest(
             directive_id=input.directive_id, spec=input.spec, step=input.step,
             attempt=input.attempt, worktree=worktree, rework=input.rework,

@@ -12,10 +12,10 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.errors import application_error, expected_failure
+from activities.billing import every_try_billed
+from activities.errors import expected_failure, translated_errors
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import ActivityName, PlanInput, PlanOutput
-from makima.errors import LLMError
 from makima.llm.client import LLMClient
 from makima.llm.structured import structured_call
 from makima.models import Plan
@@ -57,7 +57,8 @@ class PlanningActivities:
             raise llm_not_configured("planning")
         spec = request.spec
         model = spec.models.planner or self.llm.planner_model
-        try:
+        # a retried try also reports what the tries before it were billed
+        with translated_errors(), every_try_billed() as earlier:
             result = await structured_call(
                 self.llm,
                 output_type=Plan,
@@ -71,7 +72,5 @@ class PlanningActivities:
                 messages=[{"role": "user", "content": planning_request(request)}],
                 max_tokens=PLAN_MAX_TOKENS,
             )
-        except LLMError as exc:
-            raise application_error(exc) from exc
-        return PlanOutput(plan=result.value, usage=result.usage,
+        return PlanOutput(plan=result.value, usage=earlier + result.usage,
                           raw_text=result.raw_text[:MAX_TEXT_IN_HISTORY])

@@ -208,6 +208,8 @@ class MessagesServer:
     def __init__(self, *, caching: bool = False) -> None:
         self.cache = PromptCache() if caching else None
         self.requests: list[ReceivedRequest] = []
+        #: (model asked for, usage) of every reply that was billed, i.e. answered 200
+        self.billed: list[tuple[str, dict[str, Any]]] = []
         self._script: list[Reply | Responder] = []
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -236,6 +238,9 @@ class MessagesServer:
             with self._lock:
                 billed = self.cache.usage_for(request.body, output)
             reply = Reply(reply.status, {**reply.body, "usage": billed}, reply.headers)
+        if reply.status == 200 and "usage" in reply.body:
+            with self._lock:
+                self.billed.append((str(request.body.get("model", "")), reply.body["usage"]))
         return reply
 
     # -- lifecycle

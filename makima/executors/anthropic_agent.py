@@ -143,7 +143,7 @@ class AnthropicExecutor:
                                       DEFAULT_COMMAND_TIMEOUT_SECONDS)
         tools = _Tools(request.worktree, command_timeout, request.spec.sandbox)
         messages: list[dict[str, Any]] = [{"role": "user", "content": task_prompt(request)}]
-        usage = Usage()
+        usage = request.resume_usage or Usage()  # what earlier tries were billed
         transcript: list[str] = []
         for turn in range(1, max_turns + 1):
             try:
@@ -152,14 +152,14 @@ class AnthropicExecutor:
             except anthropic.AnthropicError as exc:
                 error = classify_error(exc, model=model, base_url=str(client.base_url),
                                        role="executor")
-                error.usage = usage  # the turns before this one were billed
+                error.usage = usage  # the turns before this one (and earlier tries) were billed
                 raise error from exc
             usage = usage + usage_from_api(model, response.usage)
             text = "\n".join(b.text for b in response.content if b.type == "text").strip()
             if text:
                 transcript.append(text)
             tool_uses = [b for b in response.content if b.type == "tool_use"]
-            request.report(turns=turn)
+            request.report(turns=turn, usage=usage)  # heartbeats pass it on to a retry
             if response.stop_reason != "tool_use" or not tool_uses:
                 return ExecutionResult(
                     success=True, exit_code=0, summary=text[:2000] or "the agent finished",

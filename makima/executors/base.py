@@ -37,8 +37,8 @@ class Progress:
     last_tool: str | None = None
     session_id: str | None = None
     note: str = ""
-    #: Claude Code: tokens the session has been billed so far (kept in heartbeat
-    #: details, so a resumed try can count the tokens of the try that crashed).
+    #: What this attempt has been billed so far, its earlier tries included (kept in
+    #: heartbeat details, so a retry counts the tokens of a try that failed or crashed).
     usage: Usage | None = None
 
 
@@ -51,9 +51,10 @@ class ExecutionRequest:
     worktree: Path
     rework: ReworkContext | None = None
     #: Claude Code: the session a previous try of this same attempt started, and
-    #: the tokens that session was billed before this try, and that try's worktree
-    #: (where the session's file is found).
+    #: that try's worktree (where the session's file is found).
     resume_session_id: str | None = None
+    #: What the earlier tries of this attempt were billed (Temporal retried them):
+    #: every executor's usage, in its progress and its result, starts from it.
     resume_usage: Usage | None = None
     resume_from: Path | None = None
     #: What an interrupted earlier try of this attempt left, for an agent that
