@@ -38,6 +38,7 @@ from tests.standins import (
 )
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
+from workflows.step import StepWorkflow
 
 EXECUTE = ActivityName.EXECUTE_STEP
 PLAN = ActivityName.PLAN_DIRECTIVE
@@ -358,3 +359,29 @@ async def test_the_spend_of_failed_calls_is_counted(client: Client, task_queue: 
     assert "planning failed" in str(failure.value.cause)
     assert stand.billed[handle.id] == 0.51
     assert final.cost_usd == 0.51, "spend equals every billed call, the failed ones included"
+
+
+async def test_a_stopped_step_still_counts_what_it_spent_since_its_last_report(
+        client: Client, task_queue: str) -> None:
+    # the attempt finished (and was billed) while the directive was paused; the stop
+    # then cancelled the step before it reported anything: a cancelled workflow has
+    # no result to carry that spend
+    stand = StandIns(execute_cost=0.25)
+    gate = stand.gate("a")
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(("a", [])))
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        await handle.execute_update(DirectiveWorkflow.pause_directive)
+        gate.opened.set()
+        snap = await wait_until(handle, lambda s: s.status is DirectiveStatus.PAUSED)
+        step = client.get_workflow_handle(snap.steps[0].workflow_id or "")
+        for _ in range(600):  # until the attempt's result (and spend) reached the step
+            if (await step.query(StepWorkflow.status)).usage.cost_usd == 0.25:
+                break
+            await asyncio.sleep(0.05)
+        await handle.execute_update(DirectiveWorkflow.stop_directive, StopRequest())
+        result = await handle.result()
+        await save_history(handle, client, "stop-after-a-paused-attempt")
+    assert result.status is DirectiveStatus.STOPPED
+    assert stand.billed[handle.id] == 0.25
+    assert result.cost_usd == 0.25, "the stopped step's attempt is in the spend"

@@ -51,6 +51,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage
 
 PROGRESS_SIGNAL = "step_progress"
+#: A cancelled step reports what it spent since its last report: a cancelled workflow
+#: carries no details, so its parent would not see that spend otherwise.
+REPORT_SPEND_WHEN_CANCELLED = "report-spend-when-cancelled"
 #: Evaluate and cleanup go to the worker that holds the attempt's worktree.
 ROUTE_TO_WORKTREE = "route-to-worktree"
 
@@ -142,6 +145,12 @@ class StepWorkflow:
         try:
             result = await self._attempts()
         except asyncio.CancelledError:
+            if (self._usage.cost_usd != self._reported.cost_usd
+                    and workflow.patched(REPORT_SPEND_WHEN_CANCELLED)):
+                # e.g. an attempt that finished while paused; the parent shows a first
+                # attempt as running from its start (a pending step would be started)
+                self._report(StepStatus.RUNNING if self._status is StepStatus.PENDING
+                             else self._status)
             self._status = StepStatus.CANCELLED
             await self._cleanup()
             await self._settle()
