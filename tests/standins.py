@@ -22,6 +22,8 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
+from activities.billing import every_try_billed
+from activities.errors import translated_errors
 from makima.contracts import (
     ActivityName,
     CheckoutInput,
@@ -42,6 +44,7 @@ from makima.contracts import (
     RecordInput,
     RecordOutput,
 )
+from makima.errors import ExecutorError
 from makima.models import (
     Confidence,
     DirectiveSnapshot,
@@ -111,7 +114,12 @@ class StandIns:
     planner: Callable[[PlanInput], Plan] | None = None
     #: Per step name: the execute fails after billing this much (the agent's failed turns).
     failing_executes: dict[str, float] = field(default_factory=dict)
-    #: Per directive id: what the stand-ins billed in calls that returned.
+    #: Per step name: the first try of each execute fails after billing this much (an
+    #: agent's turns before a 529) and Temporal retries it; the carry of activities/billing.py
+    #: brings that spend to the try that returns.
+    flaky_executes: dict[str, float] = field(default_factory=dict)
+    #: Per directive id: what the stand-ins billed in calls that returned, and in failed
+    #: tries whose error or heartbeat carried it.
     billed: dict[str, float] = field(default_factory=dict)
     #: The worker queue each execute reports (consumed in order; then none).
     worker_queues: list[str] = field(default_factory=list)
@@ -173,13 +181,19 @@ class StandIns:
                 s.overlaps.add(frozenset({name, other}))
             s.running.add(name)
             try:
+                with translated_errors(), every_try_billed() as earlier:
+                    if name in s.flaky_executes and activity.info().attempt == 1:
+                        error = ExecutorError("the agent's API call failed (529)")
+                        error.usage = s.bill(input.directive_id, s.flaky_executes[name])
+                        raise error
                 delay = s.delays.get(name, 0.0)
                 while delay > 0:
                     activity.heartbeat("working")
                     await asyncio.sleep(min(delay, 0.05))
                     delay -= 0.05
                 if name in s.failing_executes:
-                    billed = s.bill(input.directive_id, s.failing_executes[name])
+                    # what this try and the ones before it were billed
+                    billed = earlier + s.bill(input.directive_id, s.failing_executes[name])
                     raise ApplicationError("the agent failed", {"usage": billed.model_dump()},
                                            type="AgentError", non_retryable=True)
                 gate = s.gates.get(name)
@@ -200,7 +214,7 @@ class StandIns:
                 success=True, exit_code=0, branch=f"makima/{input.directive_id}--steps/{name}",
                 commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
                 changed_files=[f"{name}.txt"], output_tail=f"did {name}",
-                usage=s.bill(input.directive_id, s.execute_cost),
+                usage=earlier + s.bill(input.directive_id, s.execute_cost),
                 worker_queue=s.worker_queues.pop(0) if s.worker_queues else "")
 
         @activity.defn(name=ActivityName.CHECKOUT_STEP.value)

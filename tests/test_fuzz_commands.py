@@ -29,7 +29,9 @@ Invariants:
   (b) while an accepted pause is in force, no step child is started;
   (c) no accepted budget raise or goal change is lost;
   (d) every directive ends, or waits for a person, within a bounded time;
-  (e) spend equals what the stand-ins billed (when nothing was cancelled mid-call);
+  (e) spend equals what the stand-ins billed, failed tries included (an agent that
+      fails after billing, for good or once and retried by Temporal), when nothing
+      was cancelled mid-call;
   (f) no workflow task failed in any run of the directive or its steps, and
       every history replays against the workflow code;
   (g) the audit log agrees: one decision event per accepted decision, the last
@@ -119,6 +121,7 @@ class Script:
     actions: list[tuple[float, str]]
     replan_scores: list[float]
     failing: dict[str, float]  # steps whose agent fails after spending this much
+    flaky: dict[str, float]  # steps whose agent's first try fails after spending this much
 
     @classmethod
     def from_seed(cls, seed: int) -> Script:
@@ -137,6 +140,7 @@ class Script:
                      for _ in range(rng.randint(0, 6))],
             replan_scores=[rng.choice(SCORES) for _ in range(4)],
             failing={n: 0.03 for n in names if rng.random() < 0.1},
+            flaky={n: 0.004 for n in names if rng.random() < 0.1},
         )
 
 
@@ -173,6 +177,7 @@ class Fuzz:
             self.stand.scores[name] = scores
         self.stand.delays.update(script.delays)
         self.stand.failing_executes.update(script.failing)
+        self.stand.flaky_executes.update(script.flaky)
         directive_id = f"fuzz-{uuid.uuid4().hex[:6]}-{script.prefix}"
         self.directive_ids[script.seed] = directive_id
         self.replans[directive_id] = script.replan_scores
