@@ -22,8 +22,9 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-from activities.billing import every_try_billed
+from activities.billing import every_try_billed, usage_detail
 from activities.errors import translated_errors
+from makima.constants import EXECUTE_RETRY_POLICY
 from makima.contracts import (
     ActivityName,
     CheckoutInput,
@@ -118,6 +119,10 @@ class StandIns:
     #: agent's turns before a 529) and Temporal retries it; the carry of activities/billing.py
     #: brings that spend to the try that returns.
     flaky_executes: dict[str, float] = field(default_factory=dict)
+    #: Per step name: every try of each execute bills this much and fails; the tries
+    #: before the last one raise (Temporal retries them), the last one heartbeats what
+    #: all tries were billed and hangs, as if its worker died, until it times out.
+    stalled_executes: dict[str, float] = field(default_factory=dict)
     #: Per directive id: what the stand-ins billed in calls that returned, and in failed
     #: tries whose error or heartbeat carried it.
     billed: dict[str, float] = field(default_factory=dict)
@@ -186,6 +191,15 @@ class StandIns:
                         error = ExecutorError("the agent's API call failed (529)")
                         error.usage = s.bill(input.directive_id, s.flaky_executes[name])
                         raise error
+                    last = activity.info().attempt >= (EXECUTE_RETRY_POLICY.maximum_attempts or 1)
+                    if name in s.stalled_executes and not last:
+                        error = ExecutorError("the agent's API call failed")
+                        error.usage = s.bill(input.directive_id, s.stalled_executes[name])
+                        raise error
+                if name in s.stalled_executes:
+                    total = earlier + s.bill(input.directive_id, s.stalled_executes[name])
+                    activity.heartbeat(usage_detail(total))
+                    await asyncio.Event().wait()  # no more heartbeats: the try times out
                 delay = s.delays.get(name, 0.0)
                 while delay > 0:
                     activity.heartbeat("working")

@@ -452,3 +452,26 @@ async def test_a_long_generation_continues_as_new_without_losing_or_repeating_st
     assert max(lengths) < 40 + 40, lengths  # a run ends soon after passing the threshold
     seqs = [e.seq for e in stand.events if e.source == handle.id]
     assert sorted(seqs) == list(range(1, len(seqs) + 1)), "event numbering survives each run"
+
+
+async def test_the_spend_of_tries_that_timed_out_is_counted(
+        fresh_temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    # every try of the agent bills 0.2: two fail and are retried, the last one hangs as
+    # if its worker had died; its heartbeat timeout carries what all three were billed
+    # (a server of its own, whose time can be skipped)
+    client = fresh_temporal_env.client
+    stand = StandIns(stalled_executes={"a": 0.2}, plan_cost=0.0)
+    # the hung try is cancelled at shutdown
+    async with build_worker(client, task_queue, stand.activities(), graceful_seconds=0.1):
+        handle = await start(client, task_queue, spec_of(("a", [])))
+        ended = asyncio.ensure_future(handle.result())
+        while not ended.done():  # a try that runs holds the skipping: skip on purpose
+            await fresh_temporal_env.sleep(timedelta(seconds=65))
+            await asyncio.sleep(0.2)
+        with pytest.raises(WorkflowFailureError):
+            await ended
+        final = await status(handle)
+        await save_history(handle, client, "timed-out-tries")
+    assert len(stand.called(ActivityName.EXECUTE_STEP)) == 3  # EXECUTE_RETRY_POLICY
+    assert stand.billed[handle.id] == 0.6
+    assert final.cost_usd == 0.6, "spend counts every try, the timed-out ones included"

@@ -3,13 +3,15 @@
 activities/errors.py puts the usage of a billed error into the first detail of
 its ApplicationError (`{"usage": {...}, ...}`); a failed activity or child
 workflow reaches the workflow wrapped in ActivityError / ChildWorkflowError with
-that ApplicationError somewhere in its chain of causes.
+that ApplicationError somewhere in its chain of causes. An activity whose last
+try timed out (its worker died) left what all its tries were billed in that
+try's last heartbeat (activities/billing.py), which the TimeoutError carries.
 """
 
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -19,6 +21,16 @@ with workflow.unsafe.imports_passed_through():
 
 #: Counting the usage of failed calls changes what a replayed run spends.
 COUNT_FAILED_TRIES_PATCH = "count-failed-tries"
+#: So does counting what a timed-out try's last heartbeat says was billed.
+COUNT_TIMED_OUT_TRIES_PATCH = "count-timed-out-tries"
+
+
+def _usage(value: object) -> Usage:
+    try:
+        return Usage.model_validate(value)
+    except ValidationError:  # not ours: count nothing rather than fail the task
+        workflow.logger.warning("unreadable usage detail: %s", value)
+        return Usage()
 
 
 def billed_usage(err: BaseException) -> Usage:
@@ -28,11 +40,12 @@ def billed_usage(err: BaseException) -> Usage:
         if isinstance(current, ApplicationError) and current.details:
             first = current.details[0]
             if isinstance(first, dict) and isinstance(first.get("usage"), dict):
-                try:
-                    return Usage.model_validate(first["usage"])
-                except ValidationError:  # not ours: count nothing rather than fail the task
-                    workflow.logger.warning("unreadable usage detail: %s", first["usage"])
-                    return Usage()
+                return _usage(first["usage"])
+        if isinstance(current, TimeoutError) and current.last_heartbeat_details:
+            carried = [d["usage"] for d in current.last_heartbeat_details
+                       if isinstance(d, dict) and isinstance(d.get("usage"), dict)]
+            if carried and workflow.patched(COUNT_TIMED_OUT_TRIES_PATCH):
+                return _usage(carried[-1])
         current = current.__cause__
     return Usage()
 
