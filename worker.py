@@ -141,7 +141,9 @@ def worker_queue_name(queue: str) -> str:
 
 
 def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]], *,
-                 graceful_seconds: float = 30.0, workflows: bool = True) -> Worker:
+                 graceful_seconds: float = 30.0, workflows: bool = True,
+                 **options: Any) -> Worker:
+    """makima's worker on `queue`; `options` are further `Worker` options."""
     return Worker(
         client,
         task_queue=queue,
@@ -151,6 +153,7 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=graceful_seconds),
+        **options,
     )
 
 

@@ -53,3 +53,18 @@ async def test_recorded_history_replays(path: Path, monkeypatch: pytest.MonkeyPa
     replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
                         data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
+
+
+async def test_the_known_history_from_a_worker_restart_still_does_not_replay() -> None:
+    """A canary for README "Known limits": the fuzzer with worker restarts recorded a
+    history whose workflow task after a restart (the whole history, from the normal
+    queue) scheduled an activity before accepting an update that arrived in the same
+    task; a replay applies the update first. When this starts to replay (an SDK whose
+    activations agree), turn FUZZ_RESTARTS on by default in tests/test_fuzz_commands.py
+    and move this history into the gate above."""
+    fixture = load(Path(__file__).parent / "histories" / "known" / "update-after-restart.json")
+    history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
+    replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
+                        data_converter=pydantic_data_converter)
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert "Update machine does not handle this event" in str(replayed.replay_failure)
