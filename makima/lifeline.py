@@ -5,8 +5,8 @@ group (makima.process). A worker that is killed (`kill -9`, OOM, a lost host)
 runs no cleanup, so without help that group lives on and keeps writing into a
 worktree that a retry may merge. Two guards, both needed:
 
-- The group's leader is a small watchdog (`python lifeline.py <argv>`, this
-  file run as a script) started with `PR_SET_PDEATHSIG`: the kernel signals it
+- The group's leader is a small watchdog (`python watchdog.py <argv>`, see
+  makima/watchdog.py) started with `PR_SET_PDEATHSIG`: the kernel signals it
   the moment the worker dies, and it SIGKILLs its whole group, children that
   left it no faster than they can fork. It passes every other signal's effect
   through: SIGTERM to the group (makima's own cancel) reaches the agent, and
@@ -26,21 +26,14 @@ Not here: how a command is run and its output read (makima.process).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
-#: The signal the kernel sends the watchdog when its worker dies.
-PARENT_DIED_SIGNAL = signal.SIGUSR1
-#: How often the watchdog checks its parent where PR_SET_PDEATHSIG is missing.
-_PARENT_POLL_SECONDS = 1.0
-_WATCHDOG = Path(__file__).resolve()
+_WATCHDOG = Path(__file__).resolve().with_name("watchdog.py")
 
 
 def guarded(argv: Sequence[str], parent: int | str | None = None) -> list[str]:
@@ -116,54 +109,3 @@ def reap_orphans(home: Path) -> list[int]:
                 reaped.append(pgid)
         record.unlink(missing_ok=True)
     return reaped
-
-
-# --------------------------------------------------------------------------- the watchdog
-
-
-def _set_parent_death_signal(sig: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _kill_group(*_: object) -> None:
-    os.killpg(0, signal.SIGKILL)  # the watchdog too: it is the group's leader
-
-
-def _watch(parent: int, argv: list[str]) -> int:
-    signal.signal(PARENT_DIED_SIGNAL, _kill_group)
-    armed = _set_parent_death_signal(PARENT_DIED_SIGNAL)
-    if os.getppid() != parent:  # the worker died before the signal was armed
-        _kill_group()
-    # makima's own SIGTERM goes to the whole group: the agent gets it; the watchdog
-    # stays to report the agent's exit
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        child = subprocess.Popen(argv, restore_signals=True,
-                                 preexec_fn=_restore_default_signals)
-    except OSError as err:
-        print(f"makima: cannot start {argv[0]!r}: {err}", file=sys.stderr)
-        return 127
-    while True:
-        try:
-            code = child.wait(None if armed else _PARENT_POLL_SECONDS)
-            break
-        except subprocess.TimeoutExpired:
-            if os.getppid() != parent:
-                _kill_group()
-    return code if code >= 0 else 128 - code
-
-
-def _restore_default_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, PARENT_DIED_SIGNAL):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: lifeline.py <worker pid> <command> [args...]")
-    sys.exit(_watch(int(sys.argv[1]), sys.argv[2:]))

@@ -127,3 +127,19 @@ async def test_the_agent_exit_status_and_output_come_through_the_watchdog(
     assert missing.exit_code == 127 and "no-such-program-here" in missing.output
     # nothing stays recorded once the command is over
     assert list(lifeline.records_folder(tmp_path / "home").glob("*.json")) == []
+
+
+async def test_the_agent_starts_with_no_signal_ignored_or_blocked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the watchdog ignores SIGTERM/SIGINT and Python ignores SIGPIPE; none of that
+    # may reach the agent (a `yes | head` would never see its broken pipe)
+    monkeypatch.setenv("MAKIMA_HOME", str(tmp_path / "home"))
+    result = await run_process(["bash", "-c", "grep -E '^Sig(Ign|Blk)' /proc/$$/status"],
+                               cwd=tmp_path)
+    masks = {name: int(mask, 16) for name, mask in
+             (line.split(":") for line in result.output.split("\n") if line)}
+    ignored = {sig.name for sig in signal.Signals if masks["SigIgn"] & 1 << (sig - 1)}
+    blocked = {sig.name for sig in signal.Signals if masks["SigBlk"] & 1 << (sig - 1)}
+    # (whatever the test runner itself ignores is passed on, as it always was)
+    assert not ignored & {"SIGTERM", "SIGINT", "SIGPIPE", "SIGXFSZ", "SIGUSR1"}, ignored
+    assert "SIGCHLD" not in blocked, blocked
