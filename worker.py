@@ -32,7 +32,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -142,14 +142,18 @@ def worker_queue_name(queue: str) -> str:
 
 def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]], *,
                  graceful_seconds: float = 30.0, workflows: bool = True,
-                 **options: Any) -> Worker:
-    """makima's worker on `queue`; `options` are further `Worker` options."""
+                 extra_workflows: Sequence[type] = (),
+                 activity_slots: int = WORKER_ACTIVITY_SLOTS, **options: Any) -> Worker:
+    """makima's worker on `queue`; `options` are further `Worker` options.
+    `extra_workflows` and `activity_slots`: for the benchmarks (the floor registered
+    beside makima's workflows; another number of activity slots)."""
     return Worker(
         client,
         task_queue=queue,
-        workflows=[DirectiveWorkflow, StepWorkflow, NotifyWorkflow] if workflows else [],
+        workflows=[DirectiveWorkflow, StepWorkflow, NotifyWorkflow, *extra_workflows]
+        if workflows else [],
         activities=activities,
-        max_concurrent_activities=WORKER_ACTIVITY_SLOTS,
+        max_concurrent_activities=activity_slots,
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=graceful_seconds),

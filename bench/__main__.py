@@ -37,24 +37,22 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.worker import Worker
 
-from activities.evaluation import EvaluationActivities
-from activities.execution import ExecutionActivities
-from activities.planning import PlanningActivities
-from activities.record import RecordActivities
 from bench.floor import FloorChain, FloorLevel, noop
 from makima.connection import connect_temporal
-from makima.constants import HEARTBEAT_THROTTLE
+from makima.constants import WORKER_ACTIVITY_SLOTS
+from makima.contracts import integration_branch
 from makima.dag import critical_path_length, levels
 from makima.models import DirectiveSpec, Plan, PlannedStep
 from makima.store.embedded import start_embedded, stop_embedded
 from makima.store.pool import create_pool
 from tests.stack_fixture import DevServer
+from worker import all_activities, build_worker, worker_queue_name
 from workflows.directive import DirectiveWorkflow
-from workflows.step import StepWorkflow
 
 RESULTS = Path(__file__).parent / "results"
+IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -166,6 +164,10 @@ def history_size(histories: list[Any]) -> tuple[int, int]:
 
 
 class Bench:
+    """The stack, and one worker in this process built as worker.py builds it: the
+    shared task queue (workflows, any activity) and the worker's own (the
+    activities of attempts whose worktree it holds)."""
+
     def __init__(self, folder: Path, max_concurrent_activities: int | None = None) -> None:
         self.folder = folder
         self.max_concurrent_activities = max_concurrent_activities
@@ -173,35 +175,26 @@ class Bench:
 
     async def __aenter__(self) -> Bench:
         os.environ.update({"MAKIMA_HOME": str(self.folder / "home"), "MAKIMA_AUTO_CHECKS": "0",
-                           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-                           "GIT_COMMITTER_NAME": "bench",
-                           "GIT_COMMITTER_EMAIL": "bench@localhost"})
+                           **IDENTITY})
         os.environ.pop("ANTHROPIC_API_KEY", None)
         self.server = DevServer(self.folder / "temporal").start()
         self.postgres = await start_embedded(self.folder)
         self.pool = await create_pool(self.postgres.url, min_size=2, max_size=10)
         self.client = await connect_temporal(self.server.address)
-        self.worker = Worker(
-            self.client, task_queue=self.queue,
-            workflows=[DirectiveWorkflow, StepWorkflow, FloorChain, FloorLevel],
-            activities=[*PlanningActivities(None).activities(),
-                        *EvaluationActivities(None).activities(),
-                        *ExecutionActivities().activities(),
-                        *RecordActivities(self.pool).activities(), noop],
-            # the same settings as worker.build_worker
-            max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-            default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-            # a tuning knob to compare against the SDK's default (100)
-            **({"max_concurrent_activities": self.max_concurrent_activities}
-               if self.max_concurrent_activities else {}),
-        )
-        self._running = asyncio.create_task(self.worker.run())
+        own = worker_queue_name(self.queue)
+        activities = [*all_activities(None, self.pool, worker_queue=own), noop]
+        # a tuning knob to compare against WORKER_ACTIVITY_SLOTS
+        slots = self.max_concurrent_activities or WORKER_ACTIVITY_SLOTS
+        self.workers = [build_worker(self.client, self.queue, activities, activity_slots=slots,
+                                     extra_workflows=[FloorChain, FloorLevel]),
+                        build_worker(self.client, own, activities, activity_slots=slots,
+                                     workflows=False)]
+        self._running = [asyncio.create_task(w.run()) for w in self.workers]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await self.worker.shutdown()
-            self._running.cancel()
+            await asyncio.gather(*(w.shutdown() for w in self.workers))
         finally:
             await self.pool.close()
             self.server.stop()
@@ -214,10 +207,12 @@ class Bench:
             subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
         return path
 
-    async def directive(self, plan: Plan, *, wait: bool = True, **extra: Any) -> Any:
+    async def directive(self, plan: Plan, *, wait: bool = True, repo: Path | None = None,
+                        **extra: Any) -> Any:
         spec = DirectiveSpec.model_validate({
             "title": "bench", "goal": "measure", "executor": "shell", "autonomy": "full_auto",
-            "repository": {"path": str(self.repo())}, "plan": plan.model_dump(), **extra})
+            "repository": {"path": str(repo or self.repo())}, "plan": plan.model_dump(),
+            **extra})
         handle = await self.client.start_workflow(
             DirectiveWorkflow.run, spec, id=f"directive-bench-{uuid.uuid4().hex[:8]}",
             task_queue=self.queue, execution_timeout=timedelta(hours=2))
@@ -233,36 +228,147 @@ def step(name: str, deps: list[str], command: str = "true") -> PlannedStep:
 # --------------------------------------------------------------------------- scenarios
 
 
+#: A chain step's command: stamps (wall clock, the same clock as the dev server's
+#: history timestamps) of the agent's first and last instruction, committed with its
+#: work, so the bench sees when the agent itself ran, not only its activity.
+STAMPED = "date +%s.%N > {name}.start && date +%s.%N > {name}.end"
+
+#: The segments of one level of a makima chain, in order: from one agent's last
+#: instruction to the next agent's first. (label, from, to) over the points that
+#: `level_points` reads from the histories and the stamps.
+SEGMENTS = [
+    ("commit, push, describe (execute)", "agent_end", "execute_completed"),
+    ("-> evaluate starts", "execute_completed", "evaluate_started"),
+    ("evaluate", "evaluate_started", "evaluate_completed"),
+    ("-> merge starts", "evaluate_completed", "merge_started"),
+    ("merge", "merge_started", "merge_completed"),
+    ("-> cleanup starts", "merge_completed", "cleanup_started"),
+    ("cleanup", "cleanup_started", "cleanup_completed"),
+    ("-> step returns (events, signals)", "cleanup_completed", "child_completed"),
+    ("parent's workflow task", "child_completed", "next_child_initiated"),
+    ("child workflow starts", "next_child_initiated", "next_child_started"),
+    ("-> execute starts", "next_child_started", "next_execute_started"),
+    ("lock, worktree, sandbox (execute)", "next_execute_started", "next_agent_start"),
+]
+#: The same for the floor: from one no-op activity's end to the next one's start.
+FLOOR_SEGMENTS = [
+    ("-> child returns", "activity_completed", "child_completed"),
+    ("parent's workflow task", "child_completed", "next_child_initiated"),
+    ("child workflow starts", "next_child_initiated", "next_child_started"),
+    ("-> activity starts", "next_child_started", "next_activity_started"),
+]
+
+
+def activity_times(history: Any) -> dict[str, dict[str, float]]:
+    """Scheduled, started and completed time of the last run of each activity type."""
+    names = {e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+             for e in history.events if e.HasField("activity_task_scheduled_event_attributes")}
+    out: dict[str, dict[str, float]] = {}
+    for e in history.events:
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            out[names[e.event_id]] = {"scheduled": at(e)}
+        elif e.HasField("activity_task_started_event_attributes"):
+            out[names[e.activity_task_started_event_attributes.scheduled_event_id]][
+                "started"] = at(e)
+        elif e.HasField("activity_task_completed_event_attributes"):
+            out[names[e.activity_task_completed_event_attributes.scheduled_event_id]][
+                "completed"] = at(e)
+    return out
+
+
+def parent_times(runs: list[Any]) -> dict[str, float]:
+    """When the parent asked to start each child, by the child's workflow id."""
+    return {e.start_child_workflow_execution_initiated_event_attributes.workflow_id: at(e)
+            for h in runs for e in h.events
+            if e.HasField("start_child_workflow_execution_initiated_event_attributes")}
+
+
+def segments(points: dict[str, float], spec: list[tuple[str, str, str]]) -> dict[str, float]:
+    return {label: points[b] - points[a] for label, a, b in spec
+            if a in points and b in points}
+
+
+def breakdown(rows: list[dict[str, float]]) -> dict[str, str]:
+    """p50 of each segment over all levels, in milliseconds, with its share."""
+    total = sum(statistics.median(r[label] for r in rows) for label in rows[0])
+    return {label: f"{1000 * statistics.median(r[label] for r in rows):7.1f} ms "
+                   f"({100 * statistics.median(r[label] for r in rows) / total:4.1f}%)"
+            for label in rows[0]}
+
+
+def stamps(repo: Path, branch: str, names: list[str]) -> dict[str, tuple[float, float]]:
+    """(start, end) of each step's agent, as its command wrote them."""
+    def read(name: str, which: str) -> float:
+        return float(subprocess.run(["git", "show", f"{branch}:{name}.{which}"], cwd=repo,
+                                    check=True, capture_output=True, text=True).stdout)
+    return {name: (read(name, "start"), read(name, "end")) for name in names}
+
+
 async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
-    makima, floor, gap, floor_gap = [], [], [], []
+    makima, floor, gap, history_gap, floor_gap = [], [], [], [], []
+    parts: list[dict[str, float]] = []
+    floor_parts: list[dict[str, float]] = []
     for _ in range(repeat):
         names = [f"s{i:02d}" for i in range(depth)]
-        plan = Plan(steps=[step(n, [names[i - 1]] if i else []) for i, n in enumerate(names)])
-        handle: WorkflowHandle[Any, Any] = await bench.directive(plan)
-        kids = await children(bench.client, await run_histories(bench.client, handle.id))
+        plan = Plan(steps=[step(n, [names[i - 1]] if i else [], STAMPED.format(name=n))
+                           for i, n in enumerate(names)])
+        repo = bench.repo()
+        handle: WorkflowHandle[Any, Any] = await bench.directive(plan, repo=repo)
+        runs = await run_histories(bench.client, handle.id)
+        kids = await children(bench.client, runs)
+        agent = stamps(repo, integration_branch(handle.id), names)
+        parent = parent_times(runs)
         for i in range(1, depth):
-            done = completed_at(kids[f"{handle.id}/g1/{names[i - 1]}"])
-            started = first_activity_start(kids[f"{handle.id}/g1/{names[i]}"], "execute_step")
-            makima.append(started - done)
-            gap.append(started - activity_completed(kids[f"{handle.id}/g1/{names[i - 1]}"],
-                                                    "execute_step"))
+            before, after = kids[f"{handle.id}/g1/{names[i - 1]}"], kids[f"{handle.id}/g1/{names[i]}"]
+            times = activity_times(before)
+            points = {"agent_end": agent[names[i - 1]][1],
+                      "child_completed": completed_at(before),
+                      "next_child_started": at(after.events[0]),
+                      "next_execute_started": activity_times(after)["execute_step"]["started"],
+                      "next_agent_start": agent[names[i]][0]}
+            for kind in ("execute", "evaluate", "merge", "cleanup"):
+                for moment in ("started", "completed"):
+                    points[f"{kind}_{moment}"] = times[f"{kind}_step"][moment]
+            points["next_child_initiated"] = parent[f"{handle.id}/g1/{names[i]}"]
+            parts.append(segments(points, SEGMENTS))
+            makima.append(points["next_execute_started"] - points["child_completed"])
+            history_gap.append(points["next_execute_started"] - points["execute_completed"])
+            gap.append(points["next_agent_start"] - points["agent_end"])
         floor_id = f"bench-floor-{uuid.uuid4().hex[:8]}"
         await bench.client.execute_workflow(FloorChain.run, depth, id=floor_id,
                                             task_queue=bench.queue)
-        kids = await children(bench.client, await run_histories(bench.client, floor_id))
+        runs = await run_histories(bench.client, floor_id)
+        kids = await children(bench.client, runs)
+        parent = parent_times(runs)
         for i in range(1, depth):
-            done = completed_at(kids[f"{floor_id}/l{i - 1}"])
-            started = first_activity_start(kids[f"{floor_id}/l{i}"], "bench_noop")
-            floor.append(started - done)
-            floor_gap.append(started - activity_completed(kids[f"{floor_id}/l{i - 1}"],
-                                                          "bench_noop"))
+            before, after = kids[f"{floor_id}/l{i - 1}"], kids[f"{floor_id}/l{i}"]
+            points = {"activity_completed": activity_times(before)["bench_noop"]["completed"],
+                      "next_child_initiated": parent[f"{floor_id}/l{i}"],
+                      "child_completed": completed_at(before),
+                      "next_child_started": at(after.events[0]),
+                      "next_activity_started": activity_times(after)["bench_noop"]["started"]}
+            floor_parts.append(segments(points, FLOOR_SEGMENTS))
+            floor.append(points["next_activity_started"] - points["child_completed"])
+            floor_gap.append(points["next_activity_started"] - points["activity_completed"])
     m, f = summary(makima), summary(floor)
-    return {"levels": depth, "runs": repeat, "makima_s": m, "floor_s": f,
-            "ratio_p50": round(m["p50"] / f["p50"], 2),
+    a, h, fa = summary(gap), summary(history_gap), summary(floor_gap)
+    return {"levels": depth, "runs": repeat,
+            # what a user waits between one agent's last instruction and the next
+            # agent's first: commit and push, evaluation, merge, worktree cleanup, the
+            # event flush, dispatch, worktree creation and the sandbox's start
+            "agent_to_agent_s": a,
+            "floor_activity_to_activity_s": fa,
+            "ratio_agent_to_agent_p50": round(a["p50"] / fa["p50"], 2),
+            "ratio_agent_to_agent_p95": round(a["p95"] / fa["p95"], 2),
+            # the same from history alone (execute_step completed -> next started)
+            "execute_to_execute_s": h,
+            "ratio_execute_to_execute_p50": round(h["p50"] / fa["p50"], 2),
+            # dispatch alone: a step's workflow finished -> the next agent's activity started
+            "child_to_child_s": m, "floor_child_to_child_s": f,
+            "ratio_child_to_child_p50": round(m["p50"] / f["p50"], 2),
             "makima_p99_over_p50": round(m["p99"] / m["p50"], 2),
-            # what a user waits between one agent finishing and the next starting:
-            # evaluation, merge, worktree cleanup and the event flush included
-            "agent_to_agent_s": summary(gap), "floor_activity_to_activity_s": summary(floor_gap)}
+            "breakdown_p50": breakdown(parts),
+            "floor_breakdown_p50": breakdown(floor_parts)}
 
 
 def random_dag(count: int, seed: int) -> tuple[Plan, dict[str, float]]:
@@ -376,17 +482,17 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--directives", type=int, default=50)
     parser.add_argument("--max-concurrent-activities", type=int, default=None,
-                        help="worker setting to try (default: the SDK's, 100)")
+                        help="worker setting to try (default: WORKER_ACTIVITY_SLOTS)")
     parser.add_argument("--no-save", action="store_true",
                         help="print only; leave bench/results alone (tuning experiments)")
     args = parser.parse_args(argv)
     chosen = args.only or ["chain", "makespan", "width", "many"]
     folder = Path(tempfile.mkdtemp(prefix="mk-bench-"))
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-                               "machine": machine()}
+                               "machine": machine(), "load_before": os.getloadavg()}
     try:
         results["worker"] = {"max_concurrent_activities":
-                             args.max_concurrent_activities or "sdk default (100)"}
+                             args.max_concurrent_activities or WORKER_ACTIVITY_SLOTS}
         async with Bench(folder, args.max_concurrent_activities) as bench:
             if "chain" in chosen:
                 results["chain"] = await chain(bench, args.depth, args.repeat)
