@@ -212,10 +212,13 @@ class GitRepository:
             path = _absolute(repository.path)
             if not _is_dir(path):
                 raise NotARepository(f"repository path {path} does not exist or is not a folder")
-            probe = await git("rev-parse", "--git-dir", cwd=path, check=False)
+            probe = await git("rev-parse", "--path-format=absolute", "--git-common-dir",
+                              cwd=path, check=False)
             if probe.code != 0:
                 raise NotARepository(f"{path} is not a git repository (git init it first)")
-            return cls(path, home)
+            repository = cls(path, home)
+            repository._git_dir = Path(probe.stdout.strip())  # one git process fewer
+            return repository
         return await cls._open_clone(repository.url or "", home)
 
     @classmethod
@@ -231,7 +234,9 @@ class GitRepository:
                                    cwd=path.parent, check=False)
                 if result.code != 0:
                     raise GitError(f"cannot clone {url}: {result.stderr.strip()[-1000:]}")
-        return cls(path, home, pushes=True)
+        clone = cls(path, home, pushes=True)
+        clone._git_dir = path  # a bare clone is its own git directory
+        return clone
 
     async def git_dir(self) -> Path:
         """The repository's own git directory (shared by all its worktrees)."""
@@ -370,13 +375,16 @@ class GitRepository:
         way) and return HEAD."""
         await self.run("add", "--all", cwd=worktree)
         staged = await self.run("diff", "--cached", "--quiet", cwd=worktree, check=False)
-        merging = await self.run("rev-parse", "-q", "--verify", "MERGE_HEAD", cwd=worktree,
-                                 check=False)
-        if staged.code != 0 or merging.code == 0:
+        if staged.code != 0 or await self._merging(worktree):
             await self.run("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree,
                            env=await self.identity_env())
         head = await self.run("rev-parse", "HEAD", cwd=worktree)
         return head.stdout.strip()
+
+    async def _merging(self, worktree: Path) -> bool:
+        merging = await self.run("rev-parse", "-q", "--verify", "MERGE_HEAD", cwd=worktree,
+                                 check=False)
+        return merging.code == 0
 
     async def merge_into_worktree(self, worktree: Path, commit: str, message: str) -> list[str]:
         """For a rework whose step branch lags the integration branch: merge `commit`
@@ -410,13 +418,18 @@ class GitRepository:
         """A fallback author and committer when neither the environment nor git's
         config name one, so commits work on a machine with no git setup."""
         env: dict[str, str] = {}
-        name = await self.run("config", "user.name", check=False)
-        email = await self.run("config", "user.email", check=False)
-        for role in ("AUTHOR", "COMMITTER"):
-            if not os.environ.get(f"GIT_{role}_NAME") and not name.stdout.strip():
-                env[f"GIT_{role}_NAME"] = FALLBACK_NAME
-            if not os.environ.get(f"GIT_{role}_EMAIL") and not email.stdout.strip():
-                env[f"GIT_{role}_EMAIL"] = FALLBACK_EMAIL
+        wanted = [f"GIT_{role}_{part}" for role in ("AUTHOR", "COMMITTER")
+                  for part in ("NAME", "EMAIL")]
+        if all(os.environ.get(name) for name in wanted):
+            return env  # the environment names everyone: no need to ask git
+        found = await self.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
+        configured = {key for key, _, value in
+                      (line.partition(" ") for line in found.stdout.splitlines())
+                      if value.strip()}
+        for name in wanted:
+            part = "name" if name.endswith("_NAME") else "email"
+            if not os.environ.get(name) and f"user.{part}" not in configured:
+                env[name] = FALLBACK_NAME if part == "name" else FALLBACK_EMAIL
         return env
 
     # -- merging
@@ -455,7 +468,8 @@ class GitRepository:
         refused = 0
         while True:
             await self.fetch_branch(target, required=True)
-            expected = await self.branch_head(target)
+            # the head fetched from the remote (the lease); a path repository has none
+            expected = await self.branch_head(target) if self.pushes else None
             result = await self.merge(target, source_commit, message)
             if not result.merged or not self.pushes or result.head == expected:
                 return result

@@ -35,6 +35,26 @@ async def test_commits_get_a_fallback_identity_without_any_git_config(
     assert author == "makima <makima@localhost>|makima <makima@localhost>"
 
 
+async def test_the_fallback_fills_only_what_git_config_leaves_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
+                "EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    sh("git", "config", "user.name", "Ada Lovelace", cwd=repo_path)  # a name, no email
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "ci@example.org")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    (worktree / "new.txt").write_text("new\n")
+    head = await repo.commit_attempt(worktree, "makima: test commit")
+    author = sh("git", "log", "-1", "--format=%an <%ae>|%cn <%ce>", head, cwd=repo_path)
+    assert author == "Ada Lovelace <makima@localhost>|Ada Lovelace <ci@example.org>"
+
+
 async def test_merge_leaves_a_dirty_checkout_alone(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     set_identity(monkeypatch)
