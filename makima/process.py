@@ -84,13 +84,22 @@ class ProcessResult:
     pid: int
 
 
-async def wait_for_exit(process: asyncio.subprocess.Process) -> int:
+async def wait_for_exit(process: asyncio.subprocess.Process,
+                        output_read: asyncio.Future[None] | None = None) -> int:
     """The exit code of `process` once it exits.
 
-    Not `process.wait()`: asyncio's also waits until every holder of the output
-    pipe has closed it, so a background child left running would block it."""
+    Not `process.wait()` alone: asyncio's also waits until every holder of the
+    output pipe has closed it, so a background child left running would block it.
+    Once `output_read` (the task reading that pipe to its end) is done, it is
+    exactly the exit, without the 50 ms poll: the usual case, on the path from
+    one step's agent to the next."""
     while process.returncode is None:  # noqa: ASYNC110 (asyncio offers no exit-only event)
-        await asyncio.sleep(0.05)
+        if output_read is None:
+            await asyncio.sleep(0.05)
+        elif output_read.done():
+            return await process.wait()
+        else:
+            await asyncio.wait({output_read}, timeout=0.05)
     return process.returncode
 
 
@@ -246,7 +255,7 @@ async def _finish(process: asyncio.subprocess.Process, started: float,
     timed_out = False
     exit_code: int | None
     try:
-        exit_code = await asyncio.wait_for(wait_for_exit(process), timeout_seconds)
+        exit_code = await asyncio.wait_for(wait_for_exit(process, reader), timeout_seconds)
     except TimeoutError:
         timed_out = True
         exit_code = None
