@@ -365,7 +365,8 @@ class ExecutionActivities:
             if not input.commit:
                 head = await repo.branch_head(target)
                 return MergeOutput(merged=True, commit=head, message=(
-                    f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"))
+                    f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"),
+                    removed_worktrees=await self._removed_after_merge(repo, input))
             async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
                 await repo.fetch_branch(input.branch)
                 if await repo.resolve(input.commit) is None:
@@ -382,7 +383,21 @@ class ExecutionActivities:
                     f"{target} merged in, conflict markers included."))
             return MergeOutput(merged=True, commit=result.head,
                                message=f"merged step {input.step} into {target} at "
-                                       f"{result.head[:12]}")
+                                       f"{result.head[:12]}",
+                               removed_worktrees=await self._removed_after_merge(repo, input))
+
+    async def _removed_after_merge(self, repo: GitRepository, input: MergeInput) -> bool:
+        """Remove the merged step's worktrees here when asked; True when done. A
+        failure leaves them to cleanup_step, and never fails a merge that happened."""
+        if not input.remove_worktrees:
+            return False
+        try:
+            await self._remove_step_worktrees(repo, input.directive_id, input.step)
+        except (MakimaError, OSError) as exc:
+            activity.logger.warning("merged step %s, but removing its worktrees failed (the "
+                                    "cleanup activity tries again): %s", input.step, exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ cleanup
     @activity.defn(name=ActivityName.CLEANUP_STEP.value)
@@ -392,20 +407,29 @@ class ExecutionActivities:
                 repo: GitRepository | None = await self._open(input.repository)
             except MakimaError:
                 repo = None  # the repository is gone: its worktrees are plain folders now
-            candidates = step_folders(self.home, input.directive_id, input.step)
+            extra: list[Path] = []
             if input.worktree:
                 given = _absolute(input.worktree)
                 # Only ever delete inside makima's own folder.
-                if is_inside_worktrees(self.home, given) and given not in candidates:
-                    candidates.append(given)
-            removed = False
-            for path in candidates:
-                if repo is not None:
-                    removed |= await repo.remove_worktree(path)
-                elif path.exists():
-                    await asyncio.to_thread(shutil.rmtree, path, True)
-                    removed = True
-            return CleanupOutput(removed=removed)
+                if is_inside_worktrees(self.home, given):
+                    extra.append(given)
+            return CleanupOutput(removed=await self._remove_step_worktrees(
+                repo, input.directive_id, input.step, extra))
+
+    async def _remove_step_worktrees(self, repo: GitRepository | None, directive_id: str,
+                                     step: str, extra: list[Path] | None = None) -> bool:
+        """Remove every worktree of `step` on this worker (and `extra` ones); True when
+        there was one. Without `repo` (gone) they are plain folders."""
+        candidates = step_folders(self.home, directive_id, step)
+        candidates += [path for path in extra or [] if path not in candidates]
+        removed = False
+        for path in candidates:
+            if repo is not None:
+                removed |= await repo.remove_worktree(path)
+            elif path.exists():
+                await asyncio.to_thread(shutil.rmtree, path, True)
+                removed = True
+        return removed
 
     # ------------------------------------------------------------------ complete
     @activity.defn(name=ActivityName.COMPLETE_DIRECTIVE.value)

@@ -190,6 +190,10 @@ class MergeInput(Model):
     attempt: int
     branch: str
     commit: str | None = None
+    #: Once merged, also remove the step's worktrees on the worker that merges (as
+    #: cleanup_step does): the workflow then sends the merge to the worker holding
+    #: them and needs no cleanup activity on the way to the dependants.
+    remove_worktrees: bool = False
 
 
 class MergeOutput(Model):
@@ -197,6 +201,8 @@ class MergeOutput(Model):
     commit: str | None = None  # the integration branch's head after the merge
     conflict_files: list[str] = Field(default_factory=list)
     message: str = ""
+    #: The step's worktrees on this worker are gone (asked for, merged, and removed).
+    removed_worktrees: bool = False
 
 
 class CleanupInput(Model):

@@ -128,8 +128,10 @@ class StandIns:
     billed: dict[str, float] = field(default_factory=dict)
     #: The worker queue each execute reports (consumed in order; then none).
     worker_queues: list[str] = field(default_factory=list)
-    #: The task queue each evaluate and cleanup ran on.
+    #: The task queue each evaluate, merge and cleanup ran on.
     ran_on: list[tuple[str, str]] = field(default_factory=list)
+    #: A merge asked to remove the worktrees says it could not.
+    merge_keeps_worktrees: bool = False
 
     def bill(self, directive_id: str, cost: float) -> Usage:
         self.billed[directive_id] = round(self.billed.get(directive_id, 0.0) + cost, 6)
@@ -254,11 +256,14 @@ class StandIns:
         @activity.defn(name=ActivityName.MERGE_STEP.value)
         async def merge_step(input: MergeInput) -> MergeOutput:
             s.calls.append((ActivityName.MERGE_STEP.value, input))
+            s.ran_on.append((ActivityName.MERGE_STEP.value, activity.info().task_queue))
             if s.conflicts.get(input.step, 0) > 0:
                 s.conflicts[input.step] -= 1
                 return MergeOutput(merged=False, conflict_files=["shared.txt"],
                                    message="conflict in shared.txt")
-            return MergeOutput(merged=True, commit="a" * 40, message=f"merged {input.step}")
+            return MergeOutput(merged=True, commit="a" * 40, message=f"merged {input.step}",
+                               removed_worktrees=input.remove_worktrees
+                               and not s.merge_keeps_worktrees)
 
         @activity.defn(name=ActivityName.CLEANUP_STEP.value)
         async def cleanup_step(input: CleanupInput) -> CleanupOutput:

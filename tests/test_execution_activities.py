@@ -279,6 +279,31 @@ async def test_cleanup_removes_the_steps_worktrees_and_is_idempotent(
     assert str(first.worktree) not in sh("git", "worktree", "list", cwd=repo)
 
 
+async def test_a_merge_asked_to_removes_the_steps_worktrees_once_merged(
+        acts: ExecutionActivities, repo: Path) -> None:
+    repository = Repository(path=str(repo))
+    spec = spec_for(repository)
+    integration = await prepare(acts, repository)
+    one = await execute(acts, spec, integration, "one", "sed -i 's/^one$/ONE/' shared.txt")
+    two = await execute(acts, spec, integration, "two", "sed -i 's/^one$/uno/' shared.txt")
+    other = await execute(acts, spec, integration, "other", "echo o > o.txt")
+
+    def asked(out: ExecuteOutput, name: str) -> MergeInput:
+        return MergeInput(directive_id=DIRECTIVE, repository=repository,
+                          integration_branch=integration, step=name, attempt=1,
+                          branch=out.branch, commit=out.commit, remove_worktrees=True)
+
+    merged = await acts.merge_step(asked(one, "one"))
+    assert merged.merged and merged.removed_worktrees
+    assert not _exists(one.worktree)
+    assert str(one.worktree) not in sh("git", "worktree", "list", cwd=repo)
+    # a conflict keeps the worktree (the step is not done), as does not asking
+    conflict = await acts.merge_step(asked(two, "two"))
+    assert not conflict.merged and not conflict.removed_worktrees and _exists(two.worktree)
+    plain = await merge(acts, repository, integration, other, "other")
+    assert plain.merged and not plain.removed_worktrees and _exists(other.worktree)
+
+
 # ----------------------------------------------------------------------------- completion
 
 

@@ -1,6 +1,7 @@
-"""An attempt's evaluate and cleanup go to the worker that holds its worktree
-(that worker's own task queue), and when that worker is gone the attempt's
-commit is checked out on another worker instead. The real Temporal test server
+"""An attempt's evaluate, merge and cleanup go to the worker that holds its
+worktree (that worker's own task queue), and when that worker is gone the
+attempt's commit is checked out on another worker instead. A merge there also
+removes the worktrees, so no cleanup runs between a step and its dependants. The real Temporal test server
 with stand-in activities; tests/test_faults.py runs it with worker processes."""
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from makima.contracts import ActivityName
 from makima.models import DirectiveStatus
-from tests.standins import StandIns, spec_of, start
+from tests.standins import StandIns, save_history, spec_of, start
 from worker import build_worker
 
-EVALUATE, CLEANUP = ActivityName.EVALUATE_STEP.value, ActivityName.CLEANUP_STEP.value
+EVALUATE, MERGE, CLEANUP = (ActivityName.EVALUATE_STEP.value, ActivityName.MERGE_STEP.value,
+                            ActivityName.CLEANUP_STEP.value)
 
 
-async def test_evaluate_and_cleanup_run_on_the_worker_that_holds_the_worktree(
+async def test_evaluate_and_merge_run_on_the_worker_that_holds_the_worktree(
         temporal_env: WorkflowEnvironment, task_queue: str) -> None:
     own = f"{task_queue}@worker-a"
     standins = StandIns(worker_queues=[own])
@@ -27,7 +29,41 @@ async def test_evaluate_and_cleanup_run_on_the_worker_that_holds_the_worktree(
         result = await handle.result()
 
     assert result.status is DirectiveStatus.COMPLETED
-    assert standins.ran_on == [(EVALUATE, own), (CLEANUP, own)]
+    # the merge removed the worktrees there: no cleanup activity
+    assert standins.ran_on == [(EVALUATE, own), (MERGE, own)]
+    assert [m.remove_worktrees for m in standins.called(ActivityName.MERGE_STEP)] == [True]
+
+
+async def test_worktrees_the_merge_did_not_remove_are_cleaned_up_where_they_are(
+        temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    # attempt 1 (red) on worker a, attempt 2 (green) on worker b: b's merge removes
+    # b's worktrees, and only a still needs a cleanup
+    a, b = f"{task_queue}@worker-a", f"{task_queue}@worker-b"
+    standins = StandIns(worker_queues=[a, b], scores={"one": [0.2, 0.9]})
+    activities = standins.activities()
+    async with build_worker(temporal_env.client, task_queue, activities), \
+            build_worker(temporal_env.client, a, activities, workflows=False), \
+            build_worker(temporal_env.client, b, activities, workflows=False):
+        handle = await start(temporal_env.client, task_queue, spec_of(("one", [])))
+        result = await handle.result()
+        await save_history(handle, temporal_env.client, "routed")
+
+    assert result.status is DirectiveStatus.COMPLETED
+    assert standins.ran_on == [(EVALUATE, a), (EVALUATE, b), (MERGE, b), (CLEANUP, a)]
+
+
+async def test_a_merge_that_could_not_remove_the_worktrees_leaves_them_to_cleanup(
+        temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    own = f"{task_queue}@worker-a"
+    standins = StandIns(worker_queues=[own], merge_keeps_worktrees=True)
+    activities = standins.activities()
+    async with build_worker(temporal_env.client, task_queue, activities), \
+            build_worker(temporal_env.client, own, activities, workflows=False):
+        handle = await start(temporal_env.client, task_queue, spec_of(("one", [])))
+        result = await handle.result()
+
+    assert result.status is DirectiveStatus.COMPLETED
+    assert standins.ran_on == [(EVALUATE, own), (MERGE, own), (CLEANUP, own)]
 
 
 @pytest.mark.faults  # waits out WORKTREE_SCHEDULE_TO_START (60 s): the test server does not skip it

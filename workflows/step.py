@@ -56,6 +56,9 @@ PROGRESS_SIGNAL = "step_progress"
 REPORT_SPEND_WHEN_CANCELLED = "report-spend-when-cancelled"
 #: Evaluate and cleanup go to the worker that holds the attempt's worktree.
 ROUTE_TO_WORKTREE = "route-to-worktree"
+#: So does the merge, which then removes the step's worktrees there itself: no
+#: cleanup activity between a passed step and its dependants.
+MERGE_REMOVES_WORKTREES = "merge-removes-worktrees"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -99,6 +102,7 @@ class StepWorkflow:
         self._usage = Usage()
         self._signals: list[Awaitable[None]] = []
         self._worktree_queues: list[str] = []
+        self._removed_by_merge = False
 
     # ------------------------------------------------------------------ messages from the parent
 
@@ -340,29 +344,59 @@ class StepWorkflow:
 
     async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
         self._log.flush()
-        i = self._input
+        queue = self._worktree_queue(execution)
+        if queue is not None and workflow.patched(MERGE_REMOVES_WORKTREES):
+            try:
+                merge = await self._merge_on(queue, attempt, execution)
+            except ActivityError as err:
+                if not _worker_gone(err):
+                    self._merge_failed(err)
+                    return None
+                # that worker is gone, and its folders with it: merge anywhere
+                self._worktree_queues.remove(queue)
+            else:
+                if merge.removed_worktrees:
+                    self._worktree_queues.remove(queue)
+                    self._removed_by_merge = True
+                return merge
         try:
-            return await workflow.execute_activity(
-                ActivityName.MERGE_STEP.value,
-                MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
-                           integration_branch=i.integration_branch, step=i.step.name,
-                           attempt=attempt, branch=execution.branch, commit=execution.commit),
-                result_type=MergeOutput,
-                start_to_close_timeout=c.GIT_TIMEOUT,
-                heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
-                retry_policy=c.GIT_RETRY_POLICY,
-                summary=f"{i.step.name}: merge",
-            )
+            return await self._merge_on(None, attempt, execution)
         except ActivityError as err:
-            self._event(EventType.ACTIVITY_FAILED, _cause(err), severity=Severity.ERROR,
-                        data={"activity": "merge_step", "error": _cause(err)})
+            self._merge_failed(err)
             return None
+
+    async def _merge_on(self, queue: str | None, attempt: int,
+                        execution: ExecuteOutput) -> MergeOutput:
+        """The merge, on the worker holding the attempt's worktree (`queue`, which
+        removes them once merged) or on any worker (None)."""
+        i = self._input
+        return await workflow.execute_activity(
+            ActivityName.MERGE_STEP.value,
+            MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
+                       integration_branch=i.integration_branch, step=i.step.name,
+                       attempt=attempt, branch=execution.branch, commit=execution.commit,
+                       remove_worktrees=queue is not None),
+            result_type=MergeOutput,
+            task_queue=queue,
+            schedule_to_start_timeout=c.WORKTREE_SCHEDULE_TO_START if queue else None,
+            start_to_close_timeout=c.GIT_TIMEOUT,
+            heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
+            retry_policy=c.GIT_RETRY_POLICY,
+            summary=f"{i.step.name}: merge",
+        )
+
+    def _merge_failed(self, err: ActivityError) -> None:
+        self._event(EventType.ACTIVITY_FAILED, _cause(err), severity=Severity.ERROR,
+                    data={"activity": "merge_step", "error": _cause(err)})
 
     async def _cleanup(self) -> None:
         self._log.flush()
         i = self._input
         # on every worker that held a worktree of this step (a worker that is gone
-        # took its folders with it), else on any worker
+        # took its folders with it), else on any worker; none left when the merge
+        # removed them
+        if self._removed_by_merge and not self._worktree_queues:
+            return
         queues: list[str | None] = list(self._worktree_queues) or [None]
         for queue in queues:
             try:
