@@ -273,8 +273,10 @@ class ExecutionActivities:
             changes = await repo.describe(integration_head, head)
             # No commit when the integration branch holds all of it already (nothing
             # to evaluate or merge); a rework that changed nothing still hands back
-            # the previous attempt's unmerged commit.
-            contained = await repo.is_ancestor(head, integration_head)
+            # the previous attempt's unmerged commit. A try that started on the
+            # integration head holds it already or is a new commit on top of it.
+            contained = head == integration_head or (
+                start != integration_head and await repo.is_ancestor(head, integration_head))
         return ExecuteOutput(
             success=result.success,
             exit_code=result.exit_code,

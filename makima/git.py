@@ -48,6 +48,9 @@ FALLBACK_EMAIL = "makima@localhost"
 #: Longest any single git command may take (clone and fetch of big repositories included).
 GIT_COMMAND_TIMEOUT = 600.0
 REMOTE = "origin"
+#: Branch names git always accepts (components of letters, digits, '_' and '-',
+#: joined by '/' or single dots, none ending in `.lock`): checked without git.
+_PLAIN_BRANCH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(?:[./][A-Za-z0-9_][A-Za-z0-9_-]*)*")
 
 
 class NotARepository(GitError):
@@ -270,6 +273,9 @@ class GitRepository:
         return await self.resolve(f"refs/heads/{branch}")
 
     async def check_branch_name(self, branch: str) -> None:
+        if _PLAIN_BRANCH.fullmatch(branch) and not any(
+                part.endswith(".lock") for part in branch.split("/")):
+            return  # git accepts every such name: no process to ask it
         result = await self.run("check-ref-format", "--branch", branch, check=False)
         if result.code != 0:
             raise InvalidRefName(

@@ -183,3 +183,25 @@ async def test_a_worktree_folder_deleted_by_hand_loses_only_its_registration(
 
     listed = sh("git", "worktree", "list", "--porcelain", cwd=repo_path)
     assert str(gone) not in listed and f"worktree {kept}" in listed
+
+
+def test_names_passed_without_asking_git_are_names_git_accepts(tmp_path: Path) -> None:
+    # check_branch_name skips git for plain names; every one of them must be a name
+    # git accepts (random names over an alphabet of git's special characters)
+    import random
+    import subprocess
+
+    from makima.git import _PLAIN_BRANCH
+
+    rng = random.Random(13)
+    names = {"makima/directive-demo-1a2b--steps/write_tests", "a.b/c", "a.lock/b", "-x"}
+    for alphabet in ("ab1_-./", "ab1_-./@{}~^:?*[ \\"):
+        names |= {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+                  for _ in range(300)}
+    plain = [n for n in names if _PLAIN_BRANCH.fullmatch(n)
+             and not any(part.endswith(".lock") for part in n.split("/"))]
+    assert len(plain) > 20
+    for name in plain:
+        git = subprocess.run(["git", "check-ref-format", "--branch", name], cwd=tmp_path,
+                             capture_output=True)
+        assert git.returncode == 0, f"{name!r} passes the fast path, but git refuses it"
