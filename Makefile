@@ -38,7 +38,7 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_BATCH=$${FUZZ_BATCH:-50} $(BIN)/pytest tests/test_fuzz_commands.py
 
 # Benchmarks against a local dev server: prints tables, writes bench/results/<date>.json.
-bench: $(STAMP)
+bench: $(STAMP) sandbox-tools
 	$(BIN)/python -m bench
 
 # What prompt caching saves the anthropic agent: a scripted 20-turn step, billed by

@@ -1,19 +1,26 @@
 """`python -m bench` (or `make bench`): start a Temporal dev server, an embedded
-Postgres and one in-process makima worker (every real activity; no LLM: plans
-are supplied and evaluation is programmatic; the `shell` executor in real git
-worktrees), run the scenarios, print one table each and write them all to
-`bench/results/<date>.json` (a later run the same day replaces the scenarios it ran).
+Postgres and one in-process makima worker built as worker.py builds it (every
+real activity; no LLM: plans are supplied and evaluation is programmatic; the
+`shell` executor in real git worktrees, in the sandbox), run the scenarios,
+print one table each and write them all to `bench/results/<date>.json` (a later
+run the same day replaces the scenarios it ran).
 
 Scenarios (`--only NAME` runs one):
-- chain: dispatch latency per level on a 20-level chain, against the floor (a
-  bare child workflow + one no-op activity per level on the same worker);
+- chain: per level of a 20-level chain, from one agent's last instruction to the
+  next agent's first (the commands stamp the time into their commit), split into
+  its segments, against the floor (a bare child workflow + one no-op activity per
+  level on the same worker): the floor's activity to activity, and child to child;
 - makespan: a 30-step random DAG (fixed seed) of `sleep 1..5` steps, against its
   critical path and a level-by-level barrier schedule;
 - width: one directive of `--width` no-op steps (wide, and 20 per level);
-- many: `--directives` directives of 10 no-op steps started at once.
+- many: `--directives` directives of 10 no-op steps started at once;
+- workers: steps/s with 1 and 2 worker processes (`python worker.py`, own homes)
+  on `url` repositories.
 
-Every time comes from Temporal's history timestamps, except wall times of the
-bench itself and the worker's peak RSS (this process: the worker runs here).
+Every time comes from Temporal's history timestamps (and the chain's stamps, the
+same clock), except wall times of the bench itself and the worker's peak RSS
+(this process: the worker runs here). The machine's load average before the run
+is kept with the results: the numbers move with it.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from makima.dag import critical_path_length, levels
 from makima.models import DirectiveSpec, Plan, PlannedStep
 from makima.store.embedded import start_embedded, stop_embedded
 from makima.store.pool import create_pool
-from tests.stack_fixture import DevServer
+from tests.stack_fixture import DevServer, WorkerProcess, worker_processes
 from worker import all_activities, build_worker, worker_queue_name
 from workflows.directive import DirectiveWorkflow
 
@@ -207,15 +214,23 @@ class Bench:
             subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
         return path
 
+    def remote(self) -> str:
+        """A bare repository with one commit on main, for `url` directives."""
+        bare = self.folder / f"remote-{uuid.uuid4().hex[:6]}.git"
+        subprocess.run(["git", "clone", "-q", "--bare", str(self.repo()), str(bare)],
+                       check=True, capture_output=True)
+        return str(bare)
+
     async def directive(self, plan: Plan, *, wait: bool = True, repo: Path | None = None,
+                        url: str | None = None, queue: str | None = None,
                         **extra: Any) -> Any:
+        where = {"url": url} if url else {"path": str(repo or self.repo())}
         spec = DirectiveSpec.model_validate({
             "title": "bench", "goal": "measure", "executor": "shell", "autonomy": "full_auto",
-            "repository": {"path": str(repo or self.repo())}, "plan": plan.model_dump(),
-            **extra})
+            "repository": where, "plan": plan.model_dump(), **extra})
         handle = await self.client.start_workflow(
             DirectiveWorkflow.run, spec, id=f"directive-bench-{uuid.uuid4().hex[:8]}",
-            task_queue=self.queue, execution_timeout=timedelta(hours=2))
+            task_queue=queue or self.queue, execution_timeout=timedelta(hours=2))
         if wait:
             await handle.result()
         return handle
@@ -363,6 +378,7 @@ async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
             # the same from history alone (execute_step completed -> next started)
             "execute_to_execute_s": h,
             "ratio_execute_to_execute_p50": round(h["p50"] / fa["p50"], 2),
+            "ratio_execute_to_execute_p95": round(h["p95"] / fa["p95"], 2),
             # dispatch alone: a step's workflow finished -> the next agent's activity started
             "child_to_child_s": m, "floor_child_to_child_s": f,
             "ratio_child_to_child_p50": round(m["p50"] / f["p50"], 2),
@@ -448,6 +464,49 @@ async def many(bench: Bench, directives: int, steps_each: int) -> dict[str, Any]
             "peak_rss_mib": peak_rss_mib()}
 
 
+async def workers(bench: Bench, counts: list[int], directives: int, depth: int,
+                  width: int) -> dict[str, Any]:
+    """Steps per second with N worker processes (`python worker.py`, each with its own
+    MAKIMA_HOME, as on separate machines) on the one dev server and Postgres, with
+    `directives` directives of `depth` levels × `width` steps started at once on a
+    `url` repository (a bare one here), the multi-machine mode."""
+    names = [[f"l{level}w{k}" for k in range(width)] for level in range(depth)]
+    plan = Plan(steps=[step(name, [names[level - 1][k]] if level else [],
+                            f"echo {name} > {name}.txt")
+                       for level, row in enumerate(names) for k, name in enumerate(row)])
+    out: dict[str, Any] = {"directives": directives, "steps_each": depth * width,
+                           "shape": f"{depth} levels x {width}"}
+    for count in counts:
+        queue = f"fleet-{uuid.uuid4().hex[:6]}"
+        env = {"TEMPORAL_ADDRESS": bench.server.address, "MAKIMA_TASK_QUEUE": queue,
+               "DATABASE_URL": bench.postgres.url, "MAKIMA_AUTO_CHECKS": "0",
+               "ANTHROPIC_API_KEY": "", **IDENTITY}
+        folder = bench.folder / queue
+        folder.mkdir()
+        with worker_processes(folder, env) as fleet:
+            for number in range(count):
+                fleet.append(WorkerProcess(folder / f"worker-{number}.log", {
+                    **env, "MAKIMA_HOME": str(folder / f"home-{number}")}).start())
+            deadline = time.monotonic() + 120
+            while not all("makima worker: task queue" in w.log() for w in fleet):
+                if time.monotonic() > deadline or not all(w.alive() for w in fleet):
+                    raise RuntimeError("a bench worker did not start: "
+                                       + "\n".join(w.log()[-2000:] for w in fleet))
+                await asyncio.sleep(0.2)
+            urls = [bench.remote() for _ in range(directives)]
+            started = time.monotonic()
+            handles = await asyncio.gather(*(bench.directive(plan, wait=False, url=url,
+                                                             queue=queue) for url in urls))
+            results = await asyncio.gather(*(h.result() for h in handles))
+            wall = time.monotonic() - started
+        total = directives * depth * width
+        completed = sum(1 for r in results if r.status.value == "completed")
+        out[f"{count} worker{'s' if count > 1 else ''}"] = {
+            "completed": f"{completed}/{directives}", "wall_s": round(wall, 1),
+            "steps_per_s": round(total / wall, 2)}
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -474,7 +533,8 @@ def machine() -> dict[str, Any]:
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["chain", "makespan", "width", "many"], action="append")
+    parser.add_argument("--only", choices=["chain", "makespan", "width", "many", "workers"],
+                        action="append")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3, help="chain runs")
     parser.add_argument("--dag-steps", type=int, default=30)
@@ -485,8 +545,11 @@ async def main(argv: list[str] | None = None) -> None:
                         help="worker setting to try (default: WORKER_ACTIVITY_SLOTS)")
     parser.add_argument("--no-save", action="store_true",
                         help="print only; leave bench/results alone (tuning experiments)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker process counts of the workers scenario")
+    parser.add_argument("--fleet-directives", type=int, default=6)
     args = parser.parse_args(argv)
-    chosen = args.only or ["chain", "makespan", "width", "many"]
+    chosen = args.only or ["chain", "makespan", "width", "many", "workers"]
     folder = Path(tempfile.mkdtemp(prefix="mk-bench-"))
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                                "machine": machine(), "load_before": os.getloadavg()}
@@ -508,6 +571,10 @@ async def main(argv: list[str] | None = None) -> None:
             if "many" in chosen:
                 results["many"] = await many(bench, args.directives, 10)
                 print(table("4. many directives at once", results["many"]), flush=True)
+            if "workers" in chosen:
+                results["workers"] = await workers(bench, args.workers, args.fleet_directives,
+                                                   depth=4, width=5)
+                print(table("5. steps/s by worker processes", results["workers"]), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if args.no_save:
