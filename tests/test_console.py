@@ -254,3 +254,41 @@ def test_a_hundred_open_pages_share_one_listen_connection(dev_stack: RunningDev,
     assert len(seen) == tabs and len({e["position"] for e in seen}) == 1
     status, answer = post(f"{dev_stack.console_url}/directives/{directive_id}/actions/stop", {})
     assert status == 200, answer
+
+
+def test_a_budget_pause_is_in_the_inbox_with_raise_and_resume(dev_stack: RunningDev,
+                                                              sample_repo: Path,
+                                                              tmp_path: Path) -> None:
+    spec = tmp_path / "breaker.yaml"
+    spec.write_text(yaml.safe_dump({
+        "title": "outruns its clock", "goal": "g", "executor": "shell",
+        "repository": {"path": str(sample_repo)},
+        "budgets": {"max_wall_time_minutes": 0.02},
+        "plan": {"steps": [{"name": "slow", "command": "sleep 3; echo s > s.txt",
+                            "verify": ["test -f s.txt"]},
+                           {"name": "after", "depends_on": ["slow"],
+                            "command": "echo a > a.txt", "verify": ["test -f a.txt"]}]}}))
+    directive_id = f"directive-breaker-{uuid.uuid4().hex[:8]}"
+    assert dev_stack.cli("start", str(spec), "--id", directive_id).returncode == 0
+    inbox = dev_stack.console_url + "/"
+    deadline = time.monotonic() + 60
+    while True:
+        status, html = get(inbox)
+        card = html.split(f'href="/directives/{directive_id}"', 1)
+        if len(card) == 2 and "Paused by a budget" in html.split(directive_id)[0]:
+            break
+        assert time.monotonic() < deadline, "the breaker never showed in the inbox"
+        time.sleep(0.5)
+    shown = card[1].split("</section>", 1)[0]
+    assert "wall time" in shown and "Raise budget and resume" in shown
+    assert f'data-action="/directives/{directive_id}/actions/raise-and-resume"' in shown
+
+    base = f"{dev_stack.console_url}/directives/{directive_id}/actions"
+    status, answer = post(f"{base}/raise-and-resume", {"max_wall_time_minutes": "30"})
+    assert status == 200 and answer["ok"], answer
+    assert "resumed" in answer["message"]
+    deadline = time.monotonic() + 60
+    while "completed" not in dev_stack.cli("status", directive_id).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert f'href="/directives/{directive_id}"' not in get(inbox)[1]
