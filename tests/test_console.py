@@ -252,6 +252,21 @@ def test_a_hundred_open_pages_share_one_listen_connection(dev_stack: RunningDev,
 
     seen = asyncio.run(main())
     assert len(seen) == tabs and len({e["position"] for e in seen}) == 1
+
+    async def reconnect(last_seen: int) -> int:
+        # what a browser does after a dropped stream: the page's URL, and the last id
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /directives/{directive_id}/events?after=0 HTTP/1.1\r\n"
+                     f"Host: {host}\r\nLast-Event-ID: {last_seen}\r\n\r\n".encode())
+        try:
+            while not (line := (await reader.readline()).decode()).startswith("data: "):
+                pass
+            return json.loads(line[len("data: "):])["position"]
+        finally:
+            writer.close()
+
+    paused_at = seen[0]["position"]
+    assert asyncio.run(asyncio.wait_for(reconnect(paused_at - 1), 30)) == paused_at
     status, answer = post(f"{dev_stack.console_url}/directives/{directive_id}/actions/stop", {})
     assert status == 200, answer
 
