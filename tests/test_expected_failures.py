@@ -25,6 +25,12 @@ def spec_file(folder: Path, body: dict) -> Path:
     return path
 
 
+def start_shell(dev: RunningDev, folder: Path, repo: Path, directive_id: str, step: dict) -> None:
+    spec = spec_file(folder, {"title": directive_id, "goal": "g", "executor": "shell",
+                              "repository": {"path": str(repo)}, "plan": {"steps": [step]}})
+    assert dev.cli("start", str(spec), "--id", directive_id).returncode == 0
+
+
 def wait_for(what, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while not (found := what()):
@@ -56,21 +62,14 @@ def test_expected_failures_are_one_line_in_the_worker_log_and_the_cli(
     assert "review: git" not in done.stdout  # nothing was done, so nothing to review
     # a step cancelled by a stop
     stopped = f"directive-stop-{uuid.uuid4().hex[:6]}"
-    assert dev_stack.cli("start", str(spec_file(tmp_path, {
-        "title": "long", "goal": "g", "executor": "shell",
-        "repository": {"path": str(sample_repo)},
-        "plan": {"steps": [{"name": "slow", "command": "sleep 60"}]}})),
-        "--id", stopped).returncode == 0
+    start_shell(dev_stack, tmp_path, sample_repo, stopped, {"name": "slow", "command": "sleep 60"})
     wait_for(lambda: any(s["status"] == "running" for s in status(dev_stack, stopped)["steps"]))
     assert dev_stack.cli("stop", stopped, "--reason", "enough").returncode == 0
     wait_for(lambda: status(dev_stack, stopped)["status"] == "stopped")
     # a step a person denied, and a command the workflow refuses
     denied = f"directive-deny-{uuid.uuid4().hex[:6]}"
-    assert dev_stack.cli("start", str(spec_file(tmp_path, {
-        "title": "deny me", "goal": "g", "executor": "shell",
-        "repository": {"path": str(sample_repo)},
-        "plan": {"steps": [{"name": "unchecked", "command": "echo x > x.txt"}]}})),
-        "--id", denied).returncode == 0
+    start_shell(dev_stack, tmp_path, sample_repo, denied,
+                {"name": "unchecked", "command": "echo x > x.txt"})
     wait_for(lambda: status(dev_stack, denied)["pending_approvals"])
     refused = dev_stack.cli("approve", denied, "nosuch")
     assert refused.returncode == 1

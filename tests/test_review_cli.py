@@ -58,6 +58,15 @@ def on_terminal(dev: RunningDev, *args: str) -> str:
                                env={**dev.env, "COLUMNS": "200"}, cwd=ROOT, stdin=follower,
                                stdout=follower, stderr=follower)
     os.close(follower)
+    output = read_terminal(leader)
+    assert process.wait(60) == 0, output
+    return output
+
+
+def read_terminal(leader: int) -> str:
+    """What a pseudo-terminal shows until the program on it ends (then closes it)."""
+    import os
+
     output = b""
     while True:
         try:
@@ -67,7 +76,6 @@ def on_terminal(dev: RunningDev, *args: str) -> str:
         if not chunk:
             break
         output += chunk
-    assert process.wait(60) == 0, output
     os.close(leader)
     return output.decode(errors="replace")
 
@@ -260,18 +268,8 @@ def test_elapsed_is_computed_when_read_and_wait_draws_live_on_a_terminal(
     assert "elapsed:    " in dev_stack.cli("status", directive_id).stdout
 
     assert dev_stack.cli("approve", directive_id, "idle", "--attempt", "1").returncode == 0
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed: the command ended
-            break
-        if not chunk:
-            break
-        output += chunk
+    text = read_terminal(leader)
     assert process.wait(30) == 0
-    os.close(leader)
-    text = output.decode(errors="replace")
     assert "\x1b[" in text  # colour and redrawing in place
     assert "━" in text and "2/2 steps passed" in text  # the progress bar of steps
     assert "waiting for you: idle (attempt 1" in text
