@@ -298,7 +298,7 @@ def attempt_view(detail: StepDetail, attempt: AttemptRecord) -> Group:
             lines.append(Text("  nothing verified this: no check ran and no judge looked at it",
                               style="dark_orange"))
         if evaluation.rework_instructions:
-            lines.append(Text(f"  rework:   {evaluation.rework_instructions}"))
+            lines.append(Text(f"  for a rework: {evaluation.rework_instructions}", style="dim"))
     for approval in detail.approvals:
         if approval.attempt == attempt.attempt and approval.decided_at:
             verb = "approved" if approval.approved else "denied"
