@@ -23,6 +23,7 @@ import yaml
 from makima.console.auth import Access, access_for, signed_in
 from makima.errors import SpecError
 from tests.devstack_fixture import ROOT, STARTER, RunningDev, dev_stack, sample_repo  # noqa: F401
+from tests.postgres_fixture import pg_pool, postgres  # noqa: F401
 
 
 def get(url: str) -> tuple[int, str]:
@@ -314,3 +315,36 @@ def test_a_budget_pause_is_in_the_inbox_with_raise_and_resume(dev_stack: Running
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert f'href="/directives/{directive_id}"' not in get(inbox)[1]
+
+
+async def test_a_page_follows_every_event_recorded_while_it_was_rendered(
+        pg_pool, monkeypatch) -> None:  # noqa: ANN001
+    """The page shows the state it read and follows events after the last it
+    showed; an event recorded between those two reads must still reach it."""
+    import re
+
+    from bench.console import render
+    from makima.console.app import Console, build_app
+    from makima.store import reads
+    from makima.store.writes import record_events
+    from tests.postgres_fixture import Emitter, directive_status, started, unique_id
+
+    emit = Emitter(unique_id())
+    await record_events(pg_pool, [started(emit), directive_status(emit, "active")])
+    real_tail = reads.event_tail
+
+    async def the_directive_completes_then_tail(*args, **kwargs):  # noqa: ANN002, ANN003
+        # the completion commits just as the page reads its events
+        await record_events(pg_pool, [directive_status(emit, "completed")])
+        return await real_tail(*args, **kwargs)
+
+    monkeypatch.setattr(reads, "event_tail", the_directive_completes_then_tail)
+    app = build_app(Console(pool=pg_pool, temporal=lambda: None,
+                            access=Access(anyone_is="ana")))
+    _, status, html = await render(app, f"/directives/{emit.directive_id}")
+    assert status == 200
+    shown = re.search(r'id="directive-status">(\w+)<', html).group(1)
+    follows_from = int(re.search(r"/events\?after=(\d+)", html).group(1))
+    still_to_come = await reads.events_after(pg_pool, emit.directive_id, follows_from, 10)
+    # it either shows the directive completed, or the completion is still to come
+    assert shown == "completed" or [e.data["status"] for e in still_to_come] == ["completed"]

@@ -126,11 +126,14 @@ async def _directive_context(console: Console, directive_id: str) -> dict[str, A
 async def directive_page(request: Request) -> Response:
     console: Console = request.app.state.console
     directive_id = request.path_params["id"]
+    # The events first: the page follows those after the last one shown, so the state
+    # read next is at least that new, and an event recorded in between still arrives
+    # (read the other way round, it was lost and the page stood still).
     try:
+        events = await reads.event_tail(console.pool, directive_id, limit=200)
         context = await _directive_context(console, directive_id)
     except NotFound as problem:
         return page(request, "missing.html", status_code=404, message=str(problem))
-    events = await reads.event_tail(console.pool, directive_id, limit=200)
     chains = await reads.generations(console.pool, directive_id)
     from makima.report import directive_report
 
