@@ -113,7 +113,8 @@ def test_approve_a_pending_yellow_step(dev_stack: RunningDev, cli, sample_repo: 
 def test_pause_and_resume(dev_stack: RunningDev, cli, sample_repo: Path,
                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path, sample_repo, [
-        {"name": "slow", "command": "sleep 2 && echo a > a.txt", "verify": ["test -f a.txt"]},
+        # long enough for the pause to arrive while it runs, on a loaded machine too
+        {"name": "slow", "command": "sleep 6 && echo a > a.txt", "verify": ["test -f a.txt"]},
         {"name": "after", "depends_on": ["slow"], "command": "echo b > b.txt",
          "verify": ["test -f b.txt"]},
     ])
