@@ -22,7 +22,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from makima.models import DirectiveSnapshot, StepStatus
+from makima.models import DirectiveSnapshot, PendingApproval, StepStatus
 from makima.review import DiffUnavailable, FileDiff, age, why_waiting
 from makima.store.reads import AttemptRecord, DirectiveSummary, InboxItem, StepDetail
 
@@ -146,17 +146,21 @@ def _passed(snapshot: DirectiveSnapshot) -> int:
     return sum(1 for s in snapshot.steps if s.status is StepStatus.PASSED)
 
 
+def waiting_line(snapshot: DirectiveSnapshot, pending: PendingApproval) -> Text:
+    """A step waiting for you, with the commands to look at it and decide."""
+    ref = f"{_quote(snapshot.directive_id)} {_quote(pending.step)}"
+    return Text(f"waiting for you: {pending.step} (attempt {pending.attempt}, score "
+                f"{pending.score:.2f}): makima show {ref} --diff; makima approve {ref} "
+                f"--attempt {pending.attempt}", style="yellow")
+
+
 def live_view(snapshot: DirectiveSnapshot, *, plain: bool) -> Group:
     """What `start --wait` redraws: headline, progress, steps, what waits for you."""
     parts: list[RenderableType] = [headline(snapshot)]
     if snapshot.steps:  # (none while the first plan is made)
         parts += [progress(_passed(snapshot), len(snapshot.steps), plain=plain),
                   step_table(snapshot, plain=plain)]
-    for pending in snapshot.pending_approvals:
-        ref = f"{_quote(snapshot.directive_id)} {_quote(pending.step)}"
-        parts.append(Text(f"waiting for you: {pending.step} (attempt {pending.attempt}, "
-                          f"score {pending.score:.2f}): makima show {ref} --diff; "
-                          f"makima approve {ref} --attempt {pending.attempt}", style="yellow"))
+    parts += [waiting_line(snapshot, pending) for pending in snapshot.pending_approvals]
     if snapshot.breaker:
         parts.append(Text(f"paused by a budget: {snapshot.breaker}", style="bold red"))
     if snapshot.reason and snapshot.status.is_final:
@@ -191,10 +195,7 @@ def status_view(snapshot: DirectiveSnapshot, *, plain: bool) -> Group:
                                    step_table(snapshot, plain=plain)]
     if snapshot.pending_approvals:
         parts.append(Text(""))
-        for pending in snapshot.pending_approvals:
-            parts.append(Text(f"waiting for approval: {pending.step} (attempt {pending.attempt}"
-                              f", score {pending.score:.2f}) {pending.summary}".rstrip(),
-                              style="yellow"))
+        parts += [waiting_line(snapshot, pending) for pending in snapshot.pending_approvals]
     return Group(*parts)
 
 
