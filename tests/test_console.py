@@ -77,6 +77,13 @@ def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sampl
                                                     tmp_path: Path) -> None:
     directive_id = start_yellow(dev_stack, tmp_path, sample_repo,
                                 acceptance_criteria=["says hi", "1 file changed"])
+    # the directive list, while the step waits (status active): search, status and owner
+    listed = f"{dev_stack.console_url}/directives?"
+    assert directive_id in get(listed + "q=CONSOLE+HTTP&status=active&owner=anonymous")[1]
+    assert directive_id not in get(listed + "q=CONSOLE+HTTP&status=completed")[1]
+    assert directive_id not in get(listed + "owner=somebody-else")[1]
+    status, refused = get(listed + "status=sideways")
+    assert status == 200 and "sideways" in refused and directive_id not in refused
     base = f"{dev_stack.console_url}/directives/{directive_id}/actions"
     # a cross-site form cannot add the console's header: refused, nothing sent
     status, answer = post(f"{base}/approve", {"step": "greeting", "attempt": "1"},
@@ -102,13 +109,6 @@ def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sampl
 
     status, page = get(f"{dev_stack.console_url}/directives/{directive_id}")
     assert status == 200 and "awaiting_approval" in page and "Approve attempt 1" in page
-    # the directive list: search by title, filter by status and owner
-    listed = f"{dev_stack.console_url}/directives?"
-    assert directive_id in get(listed + "q=CONSOLE+HTTP&status=active&owner=anonymous")[1]
-    assert directive_id not in get(listed + "q=CONSOLE+HTTP&status=completed")[1]
-    assert directive_id not in get(listed + "owner=somebody-else")[1]
-    status, refused = get(listed + "status=sideways")
-    assert status == 200 and "sideways" in refused and directive_id not in refused
     status, diff = get(f"{dev_stack.console_url}/directives/{directive_id}/steps/greeting/"
                        "attempts/1/diff")
     assert status == 200 and "hi.txt" in diff and "+hi" in diff
