@@ -5,8 +5,12 @@ a step waiting for a person, its attempt and evaluation) through the same event
 projection the workers use, then renders the inbox and the directive list
 (default filters: the newest 200) `--requests` times each, in process, through
 the console's ASGI app, and prints p50 / p95 / max of the server's time from
-request to the last byte. Target: p95 <= 200 ms on 2 cores. Stops its Postgres
-by pid at the end.
+request to the last byte. Target: p95 <= 200 ms on 2 cores. Then `--tabs` open
+directive pages follow one directive's events (the console's server-sent events,
+woken by one shared LISTEN connection) while `--events` new events are recorded
+one at a time: it prints p50 / p95 / max from recording an event to each page
+getting it, and the pool's size, which stays within the console's. Stops its
+Postgres by pid at the end.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from makima.console import POOL_SIZE
 from makima.console.app import Console, build_app
 from makima.console.auth import Access
 from makima.contracts import EventType
 from makima.store import create_pool
 from makima.store.embedded import start_embedded, stop_embedded
+from makima.store.watch import SharedListener
 from makima.store.writes import record_events
 from tests.postgres_fixture import Emitter, directive_status, started, step_status
 
@@ -97,6 +103,73 @@ async def render(app: Any, path: str) -> tuple[float, int, str]:
     return time.perf_counter() - began, status, b"".join(chunks).decode()
 
 
+async def follow(app: Any, path: str, query: str, opened: asyncio.Queue[None],
+                 arrived: list[float], noticed: Any, close: asyncio.Event) -> None:
+    """One open page's event stream through the ASGI app: notes when each event
+    arrives, until `close` (the tab closes)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": query.encode(), "root_path": "", "headers": [(b"host", b"bench")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def receive() -> dict[str, Any]:
+        await close.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            opened.put_nowait(None)
+        elif message["type"] == "http.response.body" and b"data: " in message.get("body", b""):
+            arrived.append(time.perf_counter())
+            noticed()
+
+    await app(scope, receive, send)
+
+
+async def fan_out(pool: Any, tabs: int, events: int) -> None:
+    listener = SharedListener(pool)
+    app = build_app(Console(pool=pool, temporal=lambda: None, access=Access(anyone_is="b"),
+                            listener=listener))
+    directive_id = "directive-bench-00000"
+    after = max(e.position for e in await reads_tail(pool, directive_id))
+    opened: asyncio.Queue[None] = asyncio.Queue()
+    arrivals: list[list[float]] = [[] for _ in range(tabs)]
+    close, everywhere, wanted = asyncio.Event(), asyncio.Event(), [0]
+
+    def noticed() -> None:
+        if all(len(a) >= wanted[0] for a in arrivals):
+            everywhere.set()
+
+    pages = [asyncio.create_task(follow(app, f"/directives/{directive_id}/events",
+                                        f"after={after}", opened, arrivals[i], noticed, close))
+             for i in range(tabs)]
+    for _ in range(tabs):
+        await opened.get()
+    await asyncio.sleep(1.0)  # every stream past its backlog, listening
+    live = Emitter(directive_id, source=f"{directive_id}/bench-live")
+    delays: list[float] = []
+    for n in range(1, events + 1):
+        wanted[0] = n
+        everywhere.clear()
+        recorded = time.perf_counter()
+        await record_events(pool, [live(EventType.MERGED, {"n": n})])
+        await asyncio.wait_for(everywhere.wait(), 60)
+        delays += [(a[n - 1] - recorded) * 1000 for a in arrivals]
+    print(f"{tabs} open pages, {events} events: recorded -> on every page p50 "
+          f"{statistics.median(delays):.1f} ms, p95 {quantile(delays, 0.95):.1f} ms, max "
+          f"{max(delays):.1f} ms; pool {pool.get_size()} connections (at most {POOL_SIZE}), "
+          f"{listener.channels} LISTEN channel")
+    close.set()
+    await asyncio.gather(*pages, return_exceptions=True)
+    await listener.close()
+
+
+async def reads_tail(pool: Any, directive_id: str) -> list[Any]:
+    from makima.store.reads import event_tail
+
+    return await event_tail(pool, directive_id, limit=1)
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -107,11 +180,13 @@ async def main() -> None:
     parser.add_argument("--directives", type=int, default=1000)
     parser.add_argument("--waiting", type=int, default=100)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--tabs", type=int, default=100)
+    parser.add_argument("--events", type=int, default=20)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mk-bench-console-"))
     server = await start_embedded(home)
     try:
-        pool = await create_pool(server.url, min_size=2, max_size=4)
+        pool = await create_pool(server.url, min_size=2, max_size=POOL_SIZE)
         began = time.perf_counter()
         await fill(pool, args.directives, args.waiting)
         filled = time.perf_counter() - began
@@ -130,6 +205,7 @@ async def main() -> None:
                 times.append(seconds * 1000)
             print(f"{name:<12} {statistics.median(times):8.1f} {quantile(times, 0.95):8.1f} "
                   f"{max(times):8.1f} {len(body.encode()) / 1024:6.0f}  {count(body)}")
+        await fan_out(pool, args.tabs, args.events)
         await pool.close()
     finally:
         stop_embedded(server.pid)
