@@ -16,6 +16,10 @@ SIGTERM or Ctrl-C stops polling and lets running activities finish for up to
 process group is killed) and Temporal retries it on another worker. The worker
 logs both moments.
 
+A worker started before its Temporal server answers waits for it, logging a
+line every few seconds, for up to MAKIMA_TEMPORAL_WAIT_SECONDS (default 120),
+then exits with status 2 and the last error.
+
 Agents die with their worker even when it is killed outright (see
 makima/lifeline.py); a worker starting on a MAKIMA_HOME reaps the agent process
 groups an earlier, dead worker on that home left behind.
@@ -45,7 +49,12 @@ from activities.execution import ExecutionActivities
 from activities.notify import NotifyActivities
 from activities.planning import PlanningActivities
 from activities.record import RecordActivities
-from makima.connection import connect_temporal, task_queue
+from makima.connection import (
+    TemporalUnavailable,
+    connect_temporal_when_ready,
+    task_queue,
+    temporal_wait_seconds,
+)
 from makima.constants import HEARTBEAT_THROTTLE, WORKER_ACTIVITY_SLOTS
 from makima.contracts import (
     ActivityName,
@@ -55,6 +64,7 @@ from makima.contracts import (
     RecordInput,
     RecordOutput,
 )
+from makima.errors import SpecError
 from makima.executors.base import ExecutorSetupError
 from makima.executors.claude_code import claude_code_preflight
 from makima.git import makima_home
@@ -171,7 +181,7 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
     if reaped:
         log.warning("makima worker: killed %d agent process group(s) an earlier worker on %s "
                     "left running: %s", len(reaped), home, ", ".join(map(str, reaped)))
-    client = await connect_temporal()
+    client = await connect_temporal_when_ready(temporal_wait_seconds(), log)
     pool = await create_pool()
     llm = llm_from_env()
     own_queue = worker_queue_name(queue)
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         asyncio.run(run(args.task_queue, args.graceful_seconds, args.max_concurrent_steps))
-    except (SandboxUnavailable, ExecutorSetupError) as exc:
+    except (SandboxUnavailable, ExecutorSetupError, TemporalUnavailable, SpecError) as exc:
         parser.exit(2, f"makima worker: cannot start: {exc}\n")
 
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from makima.devstack import temporal_binary, temporal_command
@@ -107,17 +107,22 @@ class DevServer:
 
 class WorkerProcess:
     """`python worker.py` with its configuration in the environment; `kill()` is
-    `kill -9` (nothing runs its cleanup), `stop()` is a SIGTERM."""
+    `kill -9` (nothing runs its cleanup), `stop()` is a SIGTERM.
 
-    def __init__(self, log_file: Path, env: Mapping[str, str]) -> None:
+    `wrapper` is put before the command; it must `exec` the worker, so that the
+    pid started here is the worker's own (`unshare -m sh -c '... && exec "$@"'`)."""
+
+    def __init__(self, log_file: Path, env: Mapping[str, str],
+                 wrapper: Sequence[str] = ()) -> None:
         self.log_file = log_file
         self.env = {**os.environ, **env}
+        self.wrapper = list(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "worker.py"), "--graceful-seconds", "2"],
+            [*self.wrapper, sys.executable, str(ROOT / "worker.py"), "--graceful-seconds", "2"],
             cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
         log.close()

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -48,7 +48,7 @@ from makima.store.pool import create_pool
 from makima.store.reads import directive_state, snapshot_differences
 from tests.fakes.repos import IDENTITY, make_repo, set_identity
 from tests.messages_server import MessagesServer, ReceivedRequest, Reply, error_reply, tool_reply
-from tests.stack_fixture import DevServer, WorkerProcess
+from tests.stack_fixture import DevServer, WorkerProcess, free_port
 from workflows.directive import DirectiveWorkflow
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -145,8 +145,11 @@ class Workers:
         }
         self.started: list[WorkerProcess] = []
 
-    def start(self) -> WorkerProcess:
-        worker = WorkerProcess(self.folder / f"worker-{len(self.started)}.log", self.env).start()
+    def start(self, wrapper: Sequence[str] = (), **env: str) -> WorkerProcess:
+        """One more worker: the group's environment with `env` on top, its command
+        behind `wrapper` (see WorkerProcess)."""
+        worker = WorkerProcess(self.folder / f"worker-{len(self.started)}.log",
+                               {**self.env, **env}, wrapper).start()
         self.started.append(worker)
         return worker
 
@@ -374,6 +377,48 @@ async def test_worker_killed_between_steps_starts_no_child_twice(
                if e.HasField("child_workflow_execution_started_event_attributes")]
     assert len(started) == len(names)
     await assert_rows_complete(stack.pool, result)
+
+
+# --------------------------------------------------------------------------- starting order
+
+
+async def test_a_worker_started_before_its_temporal_server_waits_for_it(
+        stack: Stack, repo: Path, tmp_path: Path, workers_of: Any) -> None:
+    server = DevServer(tmp_path / "late-temporal")  # its port: nobody listens there yet
+    workers = workers_of(stack, TEMPORAL_ADDRESS=server.address)
+    worker = workers.start()
+    try:
+        await wait_for(lambda: "is not ready" in worker.log(), 60,
+                       "the worker said it waits for Temporal", workers.logs)
+        assert worker.alive(), worker.log()
+        await asyncio.to_thread(server.start)
+        client = await connect_temporal(server.address)
+        handle = await client.start_workflow(
+            DirectiveWorkflow.run, spec_with(repo, [{"name": "hello", "command": "echo hi > hi.txt"}]),
+            id=f"directive-late-{uuid.uuid4().hex[:8]}", task_queue=workers.queue,
+            execution_timeout=timedelta(minutes=5))
+        result = await result_of(handle, 120, workers)
+    finally:
+        worker.stop()
+        await asyncio.to_thread(server.stop)
+
+    assert result.status is DirectiveStatus.COMPLETED
+    waiting = [line for line in worker.log().splitlines() if "is not ready" in line]
+    assert f"Temporal at {server.address} is not ready" in waiting[0]
+    assert "retrying for up to" in waiting[0]
+
+
+async def test_a_worker_gives_up_on_a_temporal_server_that_never_answers(
+        stack: Stack, workers_of: Any) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    workers = workers_of(stack, TEMPORAL_ADDRESS=address, MAKIMA_TEMPORAL_WAIT_SECONDS="3")
+    worker = workers.start()
+    assert worker.process is not None
+    code = await asyncio.to_thread(worker.process.wait, 60)
+
+    assert code == 2
+    assert (f"makima worker: cannot start: Temporal at {address} did not answer within 3 s "
+            "(MAKIMA_TEMPORAL_WAIT_SECONDS)") in worker.log()
 
 
 # --------------------------------------------------------------------------- 3, 4: outages
