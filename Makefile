@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults fuzz bench bench-caching bench-console lint unit clean sandbox-tools
+.PHONY: test test-faults fault-tools fuzz bench bench-caching bench-console lint unit clean sandbox-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,17 @@ lint: $(STAMP)
 test: lint sandbox-tools
 	$(BIN)/pytest -m "not faults"
 
+# The multi-worker suite hides each worker's home from the others with `unshare -m`
+# (util-linux), installed with apt-get when missing and we are root.
+fault-tools:
+	@command -v unshare >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends util-linux >/dev/null; } \
+	  || { echo "unshare (util-linux) is missing and cannot be installed here (needs apt-get as root)" >&2; exit 1; }
+
 # Crashes, outages and runaway agents against real processes (a few minutes).
-test-faults: $(STAMP) sandbox-tools
-	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py
+test-faults: $(STAMP) sandbox-tools fault-tools
+	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py tests/test_many_workers.py
 
 # The interleaving fuzzer at length: thousands of random directives steered by random
 # commands (make test runs 60 of them). A failure prints MAKIMA_FUZZ_SEED=...
