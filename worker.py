@@ -46,6 +46,7 @@ from temporalio.worker import Worker
 
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
+from activities.heartbeat import Heartbeat
 from activities.notify import NotifyActivities
 from activities.planning import PlanningActivities
 from activities.record import RecordActivities
@@ -111,12 +112,11 @@ def bounded_execute_step(execute: Callable[[ExecuteInput], Awaitable[ExecuteOutp
 
     @activity.defn(name=ActivityName.EXECUTE_STEP.value)
     async def execute_step(input: ExecuteInput) -> ExecuteOutput:
-        while True:
-            try:
-                await asyncio.wait_for(slots.acquire(), timeout=HEARTBEAT_THROTTLE.total_seconds())
-                break
-            except TimeoutError:
-                activity.heartbeat(*activity.info().heartbeat_details)
+        # waiting, it heartbeats the previous try's details: the try that gets the slot
+        # still finds its session
+        earlier = list(activity.info().heartbeat_details)
+        async with Heartbeat(lambda: earlier):
+            await slots.acquire()
         try:
             return await execute(input)
         finally:

@@ -9,7 +9,6 @@ execution is judged red by the workflow itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.billing import billed_before, every_try_billed, usage_detail
 from activities.errors import translated_errors
+from activities.heartbeat import Heartbeat
 from activities.planning import llm_not_configured
 from makima import evaluation as ev
 from makima.contracts import ActivityName, EvaluateInput
@@ -38,46 +38,18 @@ from makima.prompts.evaluation import (
 JUDGE_MAX_TOKENS = 8_000
 
 
-#: Seconds between heartbeats while one long check or the judge's call runs.
-HEARTBEAT_EVERY_SECONDS = 10.0
-
-
-class _Heartbeats:
-    """Heartbeats carrying the current progress: once at every change, and
-    every HEARTBEAT_EVERY_SECONDS in between, so a test suite or a judge call
-    that runs for minutes does not look like a dead worker. Outside an activity
-    (unit tests) it only remembers the progress."""
+class _EvaluationProgress:
+    """What a running evaluation heartbeats: which check or judge call runs, and
+    what its earlier tries were billed (activities/billing.py)."""
 
     def __init__(self, carried: Usage) -> None:
         self.progress = "starting"
-        #: what earlier tries were billed, passed on in every heartbeat (activities/billing.py)
         self.carried = carried
-        self._task: asyncio.Task[None] | None = None
 
     def details(self) -> list[Any]:
-        return [self.progress, usage_detail(self.carried)] if self.carried != Usage() else [
-            self.progress]
-
-    def report(self, progress: str) -> None:
-        self.progress = progress
-        if activity.in_activity():
-            activity.heartbeat(*self.details())
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_EVERY_SECONDS)
-            activity.heartbeat(*self.details())
-
-    async def __aenter__(self) -> _Heartbeats:
-        if activity.in_activity():
-            self._task = asyncio.create_task(self._beat())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self.carried == Usage():
+            return [self.progress]
+        return [self.progress, usage_detail(self.carried)]
 
 
 class EvaluationActivities:
@@ -117,37 +89,43 @@ class EvaluationActivities:
 
     @activity.defn(name=ActivityName.EVALUATE_STEP.value)
     async def evaluate_step(self, request: EvaluateInput) -> Evaluation:
-        spec, step, execution = request.spec, request.step, request.execution
-        worktree = Path(execution.worktree) if execution.worktree else None
-        if worktree is None or not worktree.is_dir():
-            raise ApplicationError(
-                f"the worktree of step {step.name!r} attempt {request.attempt} does not exist: "
-                f"{execution.worktree or '(no path given)'}",
-                type="WorktreeMissing",
-                non_retryable=True,
-            )
-        judge = self._judge(spec.evaluator)
-        async with _Heartbeats(billed_before()) as heartbeats:
+        state = _EvaluationProgress(billed_before())
+        async with Heartbeat(state.details) as heartbeat:
+
+            def report(progress: str) -> None:
+                state.progress = progress
+                heartbeat.beat()
+
+            spec, step, execution = request.spec, request.step, request.execution
+            worktree = Path(execution.worktree) if execution.worktree else None
+            if worktree is None or not await asyncio.to_thread(worktree.is_dir):
+                raise ApplicationError(
+                    f"the worktree of step {step.name!r} attempt {request.attempt} does not "
+                    f"exist: {execution.worktree or '(no path given)'}",
+                    type="WorktreeMissing",
+                    non_retryable=True,
+                )
+            judge = self._judge(spec.evaluator)
             # a retried try also reports what the tries before it were billed
             with translated_errors(), every_try_billed() as earlier:
-                evaluation = await self._evaluate(request, worktree, judge, heartbeats)
+                evaluation = await self._evaluate(request, worktree, judge, report)
             return evaluation.model_copy(update={"usage": earlier + evaluation.usage})
 
     async def _evaluate(self, request: EvaluateInput, worktree: Path, judge: LLMClient | None,
-                        heartbeats: _Heartbeats) -> Evaluation:
+                        report: Callable[[str], None]) -> Evaluation:
         spec, step, execution = request.spec, request.step, request.execution
         # off the event loop: walking a big worktree must not stall this worker's heartbeats
         commands = await asyncio.to_thread(ev.checks_for, step.verify, worktree,
                                            auto_detect=self.auto_checks)
         checks = await ev.run_checks(commands, worktree, timeout_seconds=self.check_timeout,
-                                     on_progress=heartbeats.report, sandbox=spec.sandbox)
+                                     on_progress=report, sandbox=spec.sandbox)
 
         verdict: ev.JudgeVerdict | None = None
         usage = Usage()
         evaluator = "programmatic"
         if judge is not None:
             model = spec.models.evaluator or judge.evaluator_model
-            heartbeats.report(f"judging with {model}")
+            report(f"judging with {model}")
             diff = await ev.diff_against(worktree, request.integration_branch)
             result = await structured_call(
                 judge,

@@ -32,6 +32,7 @@ from temporalio import activity
 
 from activities.billing import usage_in
 from activities.errors import translated_errors
+from activities.heartbeat import HEARTBEAT_INTERVAL_SECONDS, Heartbeat
 from makima.completion import ReportSource, complete
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import (
@@ -60,12 +61,6 @@ from makima.git import (
 from makima.models import Repository, Usage
 from makima.process import truncate_tail
 from makima.workspace import Workspace, is_inside_worktrees, step_folders
-
-#: Seconds between heartbeats of a running attempt. Cheap: the SDK throttles what it
-#: sends (worker option max_heartbeat_throttle_interval), and a cancel is noticed only
-#: with a heartbeat's answer, so this bounds how fast a cancel kills the agent.
-HEARTBEAT_INTERVAL_SECONDS = 2.0
-
 
 #: The trailer of an attempt's commit that records its result (JSON on one line).
 RESULT_TRAILER = "Makima-Result: "
@@ -137,25 +132,14 @@ class ExecutionActivities:
 
     @contextlib.asynccontextmanager
     async def _alive(self) -> AsyncIterator[None]:
-        """For the git activities: translate makima errors, and heartbeat while the
-        body runs, so a worker that dies mid-merge is noticed within the heartbeat
-        timeout instead of the activity's whole start-to-close timeout."""
+        """For the git activities: heartbeat from the first line, so a worker that dies
+        mid-merge is noticed within the heartbeat timeout instead of the activity's
+        whole start-to-close timeout, and translate makima errors."""
         started = time.monotonic()
-
-        async def beat() -> None:
-            while True:
-                activity.heartbeat({"elapsed_seconds": round(time.monotonic() - started, 1)})
-                await asyncio.sleep(self.heartbeat_interval)
-
-        beating = asyncio.create_task(beat()) if activity.in_activity() else None
-        try:
+        async with Heartbeat(lambda: [{"elapsed_seconds": round(time.monotonic() - started, 1)}],
+                             self.heartbeat_interval):
             with translated_errors():
                 yield
-        finally:
-            if beating is not None:
-                beating.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beating
 
     async def _open(self, repository: Repository) -> GitRepository:
         return await GitRepository.open(repository, self.home)
@@ -181,12 +165,11 @@ class ExecutionActivities:
         # (activities/billing.py), and the executor's usage starts from it
         progress = Progress(session_id=_session_from_heartbeat(info.heartbeat_details),
                             usage=usage_in(info.heartbeat_details))
-        heartbeat = _Heartbeat(input.step.name, input.attempt, time.monotonic(), progress)
-        beating = asyncio.create_task(heartbeat.every(self.heartbeat_interval))
-        try:
+        state = _AttemptProgress(input.step.name, input.attempt, time.monotonic(), progress)
+        async with Heartbeat(lambda: [state.details()], self.heartbeat_interval) as heartbeat:
             with translated_errors():
                 try:
-                    return await self._execute(input, heartbeat)
+                    return await self._execute(input, state, heartbeat)
                 except MakimaError as exc:
                     # the failure reports every try's usage, and so does the last
                     # heartbeat, for a retry
@@ -195,12 +178,11 @@ class ExecutionActivities:
                     progress.usage = exc.usage
                     heartbeat.beat()
                     raise
-        finally:
-            beating.cancel()
 
-    async def _execute(self, input: ExecuteInput, heartbeat: _Heartbeat) -> ExecuteOutput:
-        started = heartbeat.started
-        progress = heartbeat.progress
+    async def _execute(self, input: ExecuteInput, state: _AttemptProgress,
+                       heartbeat: Heartbeat) -> ExecuteOutput:
+        started = state.started
+        progress = state.progress
         info = activity.info()
         step = input.step.name
         branch = step_branch(input.directive_id, step)
@@ -460,8 +442,8 @@ def _absolute(path: str) -> Path:
     return Path(path).resolve()
 
 
-class _Heartbeat:
-    """Progress of one running attempt, sent as heartbeat details."""
+class _AttemptProgress:
+    """Progress of one running attempt: its heartbeat details."""
 
     def __init__(self, step: str, attempt: int, started: float, progress: Progress) -> None:
         self.step = step
@@ -481,11 +463,3 @@ class _Heartbeat:
             "usage": (self.progress.usage.model_dump(mode="json")
                       if self.progress.usage is not None else None),
         }
-
-    def beat(self) -> None:
-        activity.heartbeat(self.details())
-
-    async def every(self, interval: float) -> None:
-        while True:
-            self.beat()
-            await asyncio.sleep(interval)

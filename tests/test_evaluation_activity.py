@@ -188,14 +188,14 @@ async def test_heartbeats_report_which_check_runs(worktree: Path) -> None:
     await env.run(activities.evaluate_step,
                   make_request(worktree, verify=["true", "test -f hello.txt"]))
 
-    assert beats == ["check 1/2: true", "check 2/2: test -f hello.txt"]
+    assert beats == ["starting", "check 1/2: true", "check 2/2: test -f hello.txt"]
 
 
 async def test_a_long_check_keeps_heartbeating(
     worktree: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A test suite running for minutes must not look like a dead worker.
-    monkeypatch.setattr("activities.evaluation.HEARTBEAT_EVERY_SECONDS", 0.02)
+    monkeypatch.setattr("activities.heartbeat.HEARTBEAT_INTERVAL_SECONDS", 0.02)
     beats: list[str] = []
     env = ActivityEnvironment()
     env.on_heartbeat = lambda *details: beats.extend(details)

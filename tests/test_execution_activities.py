@@ -33,6 +33,7 @@ from makima.contracts import (
     PrepareInput,
     ReworkContext,
 )
+from makima.git import GitRepository
 from makima.models import (
     Completion,
     Confidence,
@@ -506,6 +507,30 @@ async def test_git_activities_heartbeat_while_they_run(acts: ExecutionActivities
                                                    step="none"))
     assert beats, "cleanup_step sent no heartbeat"
     assert out.integration_branch == f"makima/{DIRECTIVE}"
+
+
+async def test_execute_step_heartbeats_while_it_waits_for_the_repository_lock(
+        acts: ExecutionActivities, repo: Path, tmp_path: Path) -> None:
+    """Heartbeats start on the activity's first line: a try stuck behind another
+    process's lock (or a slow clone or fetch) is not mistaken for a dead worker."""
+    repository = Repository(path=str(repo))
+    integration = await prepare(acts, repository)
+    beats: list[object] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details[0])
+    async with (await GitRepository.open(repository, tmp_path / "other-home")).lock():
+        running = asyncio.create_task(
+            execute(acts, spec_for(repository), integration, "waits", "echo ok > ok.txt", env=env))
+        for _ in range(100):
+            if len(beats) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert len(beats) >= 3, "no heartbeats while waiting for the lock"
+        assert not (tmp_path / "home" / "worktrees").exists(), "a worktree before the lock"
+        assert not running.done()
+    out = await asyncio.wait_for(running, 30)
+    assert out.success and out.changed_files == ["ok.txt"]
+    assert {beat["step"] for beat in beats} == {"waits"}  # type: ignore[index]
 
 
 async def test_concurrent_merges_into_one_remote_all_succeed_first_time(
