@@ -3,6 +3,7 @@ Messages API (tests/messages_server.py) scripted with tool calls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -114,6 +115,52 @@ async def test_file_tool_paths_outside_the_worktree_are_refused(
     assert not (tmp_path / "escape.txt").exists()
     allowed = tool_results(messages_server, 7)[0]
     assert not allowed["is_error"] and allowed["content"] == "fine\n"
+
+
+async def test_a_fifo_and_a_50_gb_file_in_the_worktree_neither_hang_nor_exhaust_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages_server: MessagesServer) -> None:
+    """The agent leaves a FIFO and a sparse 50 GB file and then reads, writes and edits
+    them: each tool answers at once (refused, or cut to a bounded read), the attempt
+    ends, and its heartbeats kept coming throughout (the event loop never blocked)."""
+    set_identity(monkeypatch)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.2)
+    prepared = await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE,
+                                                          repository=repository))
+    messages_server.script(
+        tool_reply("run_command", {"command": "mkfifo pipe && truncate -s 50G huge.bin"}),
+        tool_reply("list_files", {}),
+        tool_reply("read_file", {"path": "pipe"}),
+        tool_reply("write_file", {"path": "pipe", "content": "x"}),
+        tool_reply("edit_file", {"path": "pipe", "old_text": "a", "new_text": "b"}),
+        tool_reply("read_file", {"path": "huge.bin"}),
+        tool_reply("edit_file", {"path": "huge.bin", "old_text": "a", "new_text": "b"}),
+        tool_reply("run_command", {"command": "rm pipe huge.bin && echo fine > ok.txt"}),
+        text_reply("done"),
+    )
+    beats: list[float] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(time.monotonic())
+    out = await asyncio.wait_for(env.run(acts.execute_step, ExecuteInput(
+        directive_id=DIRECTIVE, generation=1, spec=spec(repository),
+        step=PlannedStep(name="odd-files", task_plan="leave odd files"),
+        integration_branch=prepared.integration_branch)), 120)
+
+    assert out.success and out.changed_files == ["ok.txt"], out.summary
+    results = [tool_results(messages_server, i)[0] for i in range(2, 8)]
+    listed = results[0]["content"].splitlines()
+    assert "huge.bin" in listed and "pipe" not in listed
+    for refused in results[1:4]:
+        assert refused["is_error"] and "'pipe' is not a regular file" in refused["content"]
+    assert not results[4]["is_error"]
+    assert results[4]["content"].endswith(
+        "[… huge.bin has 53687091200 bytes; only its first 20000 characters are shown]")
+    assert results[5]["is_error"] and "more than edit_file rewrites" in results[5]["content"]
+    # heartbeats came all along (before the tools ran in threads, the FIFO's open
+    # held the event loop, and with it every heartbeat, forever)
+    assert len(beats) >= 2
 
 
 async def test_rework_feedback_is_put_before_the_task(

@@ -21,10 +21,13 @@ Configuration (environment):
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import os
+import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anthropic
 from anthropic import AsyncAnthropic
@@ -50,8 +53,14 @@ DEFAULT_COMMAND_TIMEOUT_SECONDS = 300.0
 MAX_TOKENS = 16_000
 #: Longest tool result (file content, command output) sent back to the model.
 TOOL_OUTPUT_CHARS = 20_000
-#: Files listed at most by one list_files call.
+#: Files listed at most by one list_files call, and entries it looks at at most
+#: (a tree of millions of files must not keep the worker busy).
 MAX_LISTED_FILES = 500
+MAX_WALKED_ENTRIES = 50_000
+#: Bytes read_file reads of one file at most, and the largest file edit_file rewrites:
+#: an agent's 50 GB file is refused or cut, never loaded.
+MAX_READ_BYTES = 256 * 1024
+MAX_EDIT_BYTES = 2 * 1024 * 1024
 
 SYSTEM_PROMPT = (
     "You are a careful software engineer working inside a git worktree. Use the tools to "
@@ -99,6 +108,32 @@ TOOLS: list[dict[str, Any]] = [
 
 class ToolRefused(Exception):
     """A tool call the worktree's confinement does not allow; shown to the model."""
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _open_regular(target: Path, shown: str, flags: int) -> BinaryIO:
+    """`target` opened (binary, unbuffered) if it is a regular file, else ToolRefused.
+    O_NONBLOCK: opening a FIFO an agent left there returns at once instead of
+    waiting for a writer or reader forever; O_NOFOLLOW: a symlink swapped in after
+    `confined_path` resolved the path is not followed."""
+    if target.is_symlink() or (target.exists() and not _regular(target)):
+        raise ToolRefused(f"refused: {shown!r} is not a regular file")
+    fd = os.open(target, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ToolRefused(f"refused: {shown!r} is not a regular file")
+        os.set_blocking(fd, True)
+        mode = "r+b" if flags & os.O_RDWR else "wb" if flags & os.O_WRONLY else "rb"
+        return os.fdopen(fd, mode, buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def confined_path(root: Path, relative: str) -> Path:
@@ -215,18 +250,22 @@ class _Tools:
         self.sandbox = sandbox or SandboxSettings()
 
     async def call(self, name: str, arguments: Any) -> tuple[str, bool]:
-        """(content, is_error) for one tool call; never raises for bad input."""
+        """(content, is_error) for one tool call; never raises for bad input. The file
+        tools run in a thread: a big tree or file must not stall the worker's event
+        loop (and with it every heartbeat it sends)."""
         args = arguments if isinstance(arguments, dict) else {}
         try:
             if name == "list_files":
-                return self.list_files(args.get("path") or "."), False
+                return await asyncio.to_thread(self.list_files, args.get("path") or "."), False
             if name == "read_file":
-                return self.read_file(args.get("path", "")), False
+                return await asyncio.to_thread(self.read_file, args.get("path", "")), False
             if name == "write_file":
-                return self.write_file(args.get("path", ""), args.get("content", "")), False
+                return await asyncio.to_thread(self.write_file, args.get("path", ""),
+                                               args.get("content", "")), False
             if name == "edit_file":
-                return self.edit_file(args.get("path", ""), args.get("old_text", ""),
-                                      args.get("new_text", "")), False
+                return await asyncio.to_thread(self.edit_file, args.get("path", ""),
+                                               args.get("old_text", ""),
+                                               args.get("new_text", "")), False
             if name == "run_command":
                 return await self.run_command(args.get("command", ""))
             return f"unknown tool {name!r}", True
@@ -240,36 +279,55 @@ class _Tools:
         if not folder.is_dir():
             raise ToolRefused(f"{path!r} is not a folder")
         found: list[str] = []
-        for entry in sorted(folder.rglob("*")):
-            relative = entry.relative_to(self.root)
-            if relative.parts[0] == ".git" or not entry.is_file():
-                continue
-            found.append(str(relative))
-            if len(found) >= MAX_LISTED_FILES:
-                found.append(f"[… stopped after {MAX_LISTED_FILES} files]")
-                break
+        walked = 0
+        for current, folders, names in os.walk(folder):
+            folders[:] = sorted(f for f in folders if Path(current) / f != self.root / ".git")
+            for name in sorted(names):
+                walked += 1
+                entry = Path(current) / name
+                if entry.is_file():
+                    found.append(str(entry.relative_to(self.root)))
+                if len(found) >= MAX_LISTED_FILES or walked >= MAX_WALKED_ENTRIES:
+                    found.append(f"[… stopped after {len(found)} files]")
+                    return "\n".join(found)
+            walked += len(folders)
         return "\n".join(found) or "(no files)"
 
     def read_file(self, path: str) -> str:
-        text = confined_path(self.root, path).read_text(encoding="utf-8")
-        if len(text) > TOOL_OUTPUT_CHARS:
-            return text[:TOOL_OUTPUT_CHARS] + f"\n[… {len(text) - TOOL_OUTPUT_CHARS} more characters]"
+        target = confined_path(self.root, path)
+        with _open_regular(target, path, os.O_RDONLY) as file:
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(MAX_READ_BYTES)
+        # an incomplete character at the cut is left out; invalid UTF-8 is an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) >= size)
+        if len(text) > TOOL_OUTPUT_CHARS or len(data) < size:
+            shown = text[:TOOL_OUTPUT_CHARS]
+            return shown + (f"\n[… {path} has {size} bytes; only its first {len(shown)} "
+                            "characters are shown]")
         return text
 
     def write_file(self, path: str, content: str) -> str:
         target = confined_path(self.root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content, encoding="utf-8")
+        with _open_regular(target, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as file:
+            file.write(content.encode("utf-8"))
         return f"wrote {len(content)} characters to {target.relative_to(self.root)}"
 
     def edit_file(self, path: str, old_text: str, new_text: str) -> str:
         target = confined_path(self.root, path)
-        text = target.read_text(encoding="utf-8")
-        count = text.count(old_text) if old_text else 0
-        if count != 1:
-            raise ToolRefused(f"old_text must occur exactly once in {path!r}; it occurs {count}"
-                              " times")
-        target.write_text(text.replace(old_text, new_text, 1), encoding="utf-8")
+        with _open_regular(target, path, os.O_RDWR) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_EDIT_BYTES:
+                raise ToolRefused(f"refused: {path!r} has {size} bytes, more than edit_file "
+                                  f"rewrites ({MAX_EDIT_BYTES}); use run_command (sed, a script)")
+            text = file.read().decode("utf-8")
+            count = text.count(old_text) if old_text else 0
+            if count != 1:
+                raise ToolRefused(f"old_text must occur exactly once in {path!r}; it occurs "
+                                  f"{count} times")
+            file.seek(0)
+            file.truncate()
+            file.write(text.replace(old_text, new_text, 1).encode("utf-8"))
         return f"edited {target.relative_to(self.root)}"
 
     async def run_command(self, command: str) -> tuple[str, bool]:
