@@ -88,7 +88,8 @@ def _git_data(worktree: Path) -> tuple[Path | None, Path | None]:
     pointer = worktree / ".git"
     if not pointer.is_file():
         return None, (pointer if pointer.is_dir() else None)
-    text = pointer.read_text(errors="replace").strip()
+    with pointer.open("rb") as file:  # a pointer is one short line; never read more
+        text = file.read(4096).decode(errors="replace").strip()
     if not text.startswith("gitdir:"):
         return None, None
     admin = (worktree / text.removeprefix("gitdir:").strip()).resolve()
