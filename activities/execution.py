@@ -59,7 +59,7 @@ from makima.git import (
     makima_home,
 )
 from makima.models import Repository, Usage
-from makima.process import truncate_tail
+from makima.process import scrub_secrets, truncate_tail
 from makima.workspace import Workspace, is_inside_worktrees, step_folders
 
 #: The trailer of an attempt's commit that records its result (JSON on one line).
@@ -98,16 +98,48 @@ def _session_from_heartbeat(details: Any) -> str | None:
     return None
 
 
-def _previous_try(details: Any, start: str) -> str:
-    """What an earlier try reported before it was cut off, for an agent that starts
-    over here."""
-    last = next((item for item in reversed(list(details or [])) if isinstance(item, dict)), {})
-    done = (f"It had taken {last.get('turns', 0)} turns (last tool: "
-            f"{last.get('last_tool') or 'none'}; {last.get('note') or 'no note'}) over "
-            f"{last.get('elapsed_seconds', 0)} s. ") if last else ""
-    return (f"{done}Its work was not saved; the worktree starts again from commit "
-            f"{start[:12]}. Do the step's whole task.")
+def _resumed_from_heartbeat(details: Any) -> str | None:
+    """The session an earlier try of this attempt resumed (it did not finish)."""
+    for item in reversed(list(details or [])):
+        if isinstance(item, dict):
+            return item.get("resumed_session") or None
+    return None
 
+
+#: Characters of the interrupted try's output tail told to the try that starts over.
+PREVIOUS_OUTPUT_CHARS = 1500
+
+
+def _previous_try(details: Any, worktree_note: str, branch_story: str) -> str:
+    """What an earlier, interrupted try of this attempt did, for the agent of a try
+    that does not resume its session (another worker, or a resume that failed):
+    what it reported, what the worktree starts from, the step branch's commits, and
+    the end of its output."""
+    last = next((item for item in reversed(list(details or [])) if isinstance(item, dict)), {})
+    parts = []
+    if last:
+        turns = last.get("turns") or 0
+        parts.append(f"It had taken {turns} turn{'' if turns == 1 else 's'} (last tool: "
+                     f"{last.get('last_tool') or 'none'}) over {last.get('elapsed_seconds', 0)} s.")
+    parts += [worktree_note, branch_story]
+    tail = str(last.get("output_tail") or "").strip()
+    if tail:
+        parts.append(f"The end of its output:\n{tail}")
+    parts.append("Check what is already done here, then finish the step's task.")
+    return "\n".join(parts)
+
+
+async def _step_branch_story(repo: GitRepository, branch: str, integration_head: str) -> str:
+    """The step branch's commits beyond the integration branch (subjects) and their
+    diff stat: what earlier attempts of this step pushed."""
+    head = await repo.branch_head(branch)
+    if head is None or await repo.is_ancestor(head, integration_head):
+        return f"The step branch {branch} holds no commit of this step yet."
+    log = await repo.run("log", "--format=- %s", "-n", "20", f"{integration_head}..{head}")
+    stat = await repo.run("diff", "--stat", f"{integration_head}...{head}")
+    return (f"The step branch {branch} holds these commits (newest first):\n"
+            f"{log.stdout.strip()}\nTheir changes against the integration branch:\n"
+            f"{truncate_tail(stat.stdout.strip(), 2000)}")
 
 
 class ExecutionActivities:
@@ -195,6 +227,10 @@ class ExecutionActivities:
         previous_workspace = workspace.previous_try()
         previous = previous_workspace.path if previous_workspace else None
         resume_session_id = progress.session_id
+        if resume_session_id and _resumed_from_heartbeat(info.heartbeat_details) == resume_session_id:
+            # A try resumed this very session already and did not finish: never loop on
+            # a resume that fails; start a new session told what happened instead.
+            resume_session_id = None
         previous_try = ""
         async with repo.lock():
             await repo.check_branch_name(branch)
@@ -216,16 +252,28 @@ class ExecutionActivities:
                 if adopted is not None:
                     return adopted
             conflicts: list[str] = []
-            if previous and resume_session_id and _exists(previous / ".git"):
+            if (previous and resume_session_id
+                    and await asyncio.to_thread(_exists, previous / ".git")):
                 # Resuming an agent session here: it expects the files it wrote so far
-                # (caught up with the integration branch already, by that try).
+                # (caught up with the integration branch already, by that try). Only
+                # then: other retries never take a cut-off try's files, which a process
+                # of it may have written until its worker's death reached it.
                 start = await repo.commit_attempt(previous, commit_message(
                     input.directive_id, step, input.attempt, f"interrupted try {info.attempt - 1}"))
                 await repo.add_worktree(worktree, start)
+                previous_try = _previous_try(
+                    info.heartbeat_details,
+                    f"The worktree holds what it wrote (commit {start[:12]}).",
+                    await _step_branch_story(repo, branch, integration_head))
             else:
                 if previous:
-                    resume_session_id = None
-                    previous_try = _previous_try(info.heartbeat_details, start)
+                    resume_session_id = None  # no session, or its file is on another machine
+                    await repo.fetch_branch(branch)
+                    previous_try = _previous_try(
+                        info.heartbeat_details,
+                        f"Its files were not kept; the worktree starts from commit "
+                        f"{start[:12]}.",
+                        await _step_branch_story(repo, branch, integration_head))
                 await repo.add_worktree(worktree, start)
                 if start != integration_head:
                     conflicts = await _catch_up(repo, worktree, integration_head,
@@ -234,6 +282,7 @@ class ExecutionActivities:
         # what earlier tries of this attempt were billed (resumed or not, it was spent)
         resume_usage = progress.usage
         progress.session_id = resume_session_id
+        state.resumed_session = resume_session_id
         request = ExecutionRequest(
             directive_id=input.directive_id, spec=input.spec, step=input.step,
             attempt=input.attempt, worktree=worktree, rework=input.rework,
@@ -450,6 +499,8 @@ class _AttemptProgress:
         self.attempt = attempt
         self.started = started
         self.progress = progress
+        #: the session this try resumes: a next try must not resume it again
+        self.resumed_session: str | None = None
 
     def details(self) -> dict[str, Any]:
         return {
@@ -462,4 +513,7 @@ class _AttemptProgress:
             "note": self.progress.note[:200],
             "usage": (self.progress.usage.model_dump(mode="json")
                       if self.progress.usage is not None else None),
+            "resumed_session": self.resumed_session,
+            "output_tail": scrub_secrets(truncate_tail(self.progress.output_tail,
+                                                       PREVIOUS_OUTPUT_CHARS)),
         }

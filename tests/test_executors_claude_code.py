@@ -17,7 +17,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.execution import ExecutionActivities
-from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput
+from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput, ReworkContext
 from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
 from tests.fakes.repos import install_fake, make_repo, set_identity, show
 
@@ -154,6 +154,84 @@ async def test_a_retry_on_a_worker_without_the_session_starts_a_new_one_told_wha
     assert not any(arg.startswith("--resume") for arg in second["argv"]), (
         "resuming a session whose file is on another machine fails on every retry")
     assert "CONTINUATION: an earlier try of this attempt was interrupted" in second["prompt"]
+
+
+def _input(repository: Repository, attempt: int = 1,
+           rework: ReworkContext | None = None) -> ExecuteInput:
+    spec = DirectiveSpec(title="Claude", goal="Write claude.txt", repository=repository,
+                         executor=ExecutorKind.CLAUDE_CODE)
+    return ExecuteInput(directive_id=DIRECTIVE, generation=1, spec=spec, attempt=attempt,
+                        step=PlannedStep(name="build", task_plan="Create claude.txt."),
+                        integration_branch=f"makima/{DIRECTIVE}", rework=rework)
+
+
+def _try(number: int, details: list[Any], heartbeats: list[dict[str, Any]]) -> ActivityEnvironment:
+    """Temporal's try `number` of an attempt: it hands back the last heartbeat details."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=number, heartbeat_details=details)
+    env.on_heartbeat = lambda *beat: heartbeats.append(beat[0])
+    return env
+
+
+async def test_a_rework_retried_on_another_worker_is_told_the_branch_s_commits_and_output_tail(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, repository = await _run(tmp_path, ActivityEnvironment())  # attempt 1, pushed
+    rework = _input(repository, attempt=2, rework=ReworkContext(
+        attempt=2, feedback="too short", instructions="add a second line"))
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "crash")
+    monkeypatch.setenv("FAKE_CLAUDE_SESSION", "sess-rework")
+    monkeypatch.setenv("FAKE_CLAUDE_SLEEP", "0.2")
+    heartbeats: list[dict[str, Any]] = []
+    with pytest.raises(ApplicationError):
+        await _try(1, [], heartbeats).run(
+            ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5).execute_step, rework)
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "ok")
+
+    # Temporal's second try of attempt 2 lands on another machine
+    out = await _try(2, [heartbeats[-1]], []).run(
+        ExecutionActivities(tmp_path / "other-home", heartbeat_interval=0.5).execute_step, rework)
+
+    assert out.success, out.summary
+    second = calls(fake_claude)[-1]
+    assert not any(arg.startswith("--resume") for arg in second["argv"])
+    prompt = second["prompt"]
+    assert "CONTINUATION: an earlier try of this attempt was interrupted" in prompt
+    assert "It had taken 1 turn (last tool: none)" in prompt
+    assert "Its files were not kept; the worktree starts from commit" in prompt
+    # the step branch's commits (attempt 1's) with their diff stat, and the output tail
+    assert f"- makima: {DIRECTIVE} step build attempt 1" in prompt
+    assert "claude.txt | 1 +" in prompt
+    assert "The end of its output:\nThinking." in prompt
+    assert first.commit is not None and prompt.index("REWORK") < prompt.index("CONTINUATION")
+
+
+async def test_a_resume_that_fails_is_not_tried_again(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Try 1 crashes; try 2 resumes its session (the file is here) and crashes too;
+    try 3 starts a new session told what happened, rather than resuming forever."""
+    repository = Repository(path=str(make_repo(tmp_path / "repo")))
+    acts = ExecutionActivities(tmp_path / "home", heartbeat_interval=0.5)
+    await acts.prepare_repository(PrepareInput(directive_id=DIRECTIVE, repository=repository))
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "crash-always")
+    monkeypatch.setenv("FAKE_CLAUDE_SESSION", "sess-broken")
+    monkeypatch.setenv("FAKE_CLAUDE_SLEEP", "0.2")
+    first: list[dict[str, Any]] = []
+    with pytest.raises(ApplicationError):
+        await _try(1, [], first).run(acts.execute_step, _input(repository))
+    second: list[dict[str, Any]] = []
+    with pytest.raises(ApplicationError):
+        await _try(2, [first[-1]], second).run(acts.execute_step, _input(repository))
+    assert "--resume=sess-broken" in calls(fake_claude)[1]["argv"]
+    assert second[-1]["resumed_session"] == "sess-broken"
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "ok")
+    monkeypatch.setenv("FAKE_CLAUDE_SESSION", "sess-new")
+
+    out = await _try(3, [second[-1]], []).run(acts.execute_step, _input(repository))
+
+    assert out.success and out.session_id == "sess-new"
+    third = calls(fake_claude)[2]
+    assert not any(arg.startswith("--resume") for arg in third["argv"])
+    assert "CONTINUATION" in third["prompt"] and "Its files were not kept" in third["prompt"]
 
 
 async def test_missing_sdk_is_a_clear_non_retryable_error(

@@ -194,7 +194,9 @@ class AnthropicExecutor:
             if text:
                 transcript.append(text)
             tool_uses = [b for b in response.content if b.type == "tool_use"]
-            request.report(turns=turn, usage=usage)  # heartbeats pass it on to a retry
+            # heartbeats pass the usage on to a retry, and the output's end to a try
+            # that starts over
+            request.report(turns=turn, usage=usage, output_tail="\n".join(transcript[-6:]))
             if response.stop_reason != "tool_use" or not tool_uses:
                 return ExecutionResult(
                     success=True, exit_code=0, summary=text[:2000] or "the agent finished",

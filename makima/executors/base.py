@@ -40,6 +40,9 @@ class Progress:
     #: What this attempt has been billed so far, its earlier tries included (kept in
     #: heartbeat details, so a retry counts the tokens of a try that failed or crashed).
     usage: Usage | None = None
+    #: The end of what the agent said and did so far (kept in heartbeat details, so a
+    #: try that starts over elsewhere is told where the interrupted one got to).
+    output_tail: str = ""
 
 
 @dataclass
@@ -118,7 +121,7 @@ def task_prompt(request: ExecutionRequest) -> str:
             "or touch other branches. makima commits the merge with your changes.")
     if request.previous_try:
         parts.append(f"CONTINUATION: an earlier try of this attempt was interrupted (its worker "
-                     f"stopped). {request.previous_try}")
+                     f"stopped or it failed).\n{request.previous_try}")
     context = [f"Directive: {spec.title}", f"Goal: {spec.goal}"]
     for title, items in (("Requirements", spec.requirements),
                          ("Acceptance criteria", spec.acceptance_criteria),

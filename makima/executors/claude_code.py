@@ -23,8 +23,9 @@ activity puts it in its heartbeat details). Every try of an attempt has a
 directory of its own, so a retry resumes that session (`--resume`) only where
 the earlier try's session file is (the same machine; `adopt_session` copies it
 into the new try's home); elsewhere it starts a new session, told what the
-earlier try reported, rather than failing on every retry with "No conversation
-found". Cost comes from the result message.
+earlier try did (activities/execution.py builds that account), rather than
+failing on every retry with "No conversation found". Cost comes from the result
+message.
 
 Claude Code is started through a tiny launcher that gives it a process group of
 its own, led by makima's watchdog (makima/lifeline.py: the group dies with the
@@ -49,6 +50,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -84,6 +86,8 @@ DEFAULT_MAX_TURNS = 200
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
 #: Lines of the CLI's stderr kept for the attempt's reason and output tail.
 STDERR_LINES = 40
+#: A session file larger than this is not copied for a resume (a new session starts).
+MAX_SESSION_BYTES = 200 * 1024 * 1024
 
 #: Appended to Claude Code's own system prompt.
 STEP_INSTRUCTIONS = (
@@ -165,7 +169,8 @@ class ClaudeCodeExecutor:
         home = session_home(request.worktree)
         home.mkdir(parents=True, exist_ok=True)
         resume = request.resume_session_id
-        if resume and not adopt_session(resume, request.resume_from, request.worktree):
+        if resume and not await asyncio.to_thread(
+                adopt_session, resume, request.resume_from, request.worktree):
             # Its file is on another machine (or gone): `--resume` would fail on every
             # retry, so start a new session told what the earlier try did.
             resume = None
@@ -215,7 +220,7 @@ class ClaudeCodeExecutor:
                     # Commands Claude Code left running must not outlive the attempt.
                     _signal_group_from(pidfile, signal.SIGKILL)
         # The run ended with a result: nothing left to resume.
-        shutil.rmtree(home, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, home, True)
         return result
 
     async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any,
@@ -246,7 +251,8 @@ class ClaudeCodeExecutor:
                         billed[message.message_id] = _tokens(message.usage)
                     request.report(turns=turns, last_tool=last_tool,
                                    session_id=message.session_id or session_id,
-                                   usage=sum(billed.values(), earlier))
+                                   usage=sum(billed.values(), earlier),
+                                   output_tail="\n".join(texts[-6:]))
                 elif isinstance(message, sdk.ResultMessage):
                     result = message
                     session_id = message.session_id or session_id
@@ -311,16 +317,26 @@ def session_file(worktree: Path, session_id: str) -> Path:
 def adopt_session(session_id: str, previous: Path | None, worktree: Path) -> bool:
     """Make session `session_id`, started in `previous`, resumable in `worktree`
     (every try of an attempt has a directory of its own). False when this machine
-    has no file of it."""
+    has no file of it, or none makima would copy: not a regular file, or larger
+    than MAX_SESSION_BYTES (the agent can write to its home). Blocking: call it
+    in a thread."""
     target = session_file(worktree, session_id)
-    if target.is_file():
+    if _regular_file(target, MAX_SESSION_BYTES):
         return True
     source = session_file(previous, session_id) if previous is not None else None
-    if source is None or not source.is_file():
+    if source is None or not _regular_file(source, MAX_SESSION_BYTES):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return True
+
+
+def _regular_file(path: Path, max_bytes: int) -> bool:
+    try:
+        status = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_size <= max_bytes
 
 
 def _confined_cli(cli: str, request: ExecutionRequest, scratch: Path,
