@@ -60,7 +60,12 @@ from makima.git import (
 )
 from makima.models import Repository, Usage
 from makima.process import scrub_secrets, truncate_tail
-from makima.workspace import Workspace, is_inside_worktrees, step_folders
+from makima.workspace import (
+    Workspace,
+    is_inside_worktrees,
+    step_folders,
+    step_session_homes,
+)
 
 #: The trailer of an attempt's commit that records its result (JSON on one line).
 RESULT_TRAILER = "Makima-Result: "
@@ -451,17 +456,21 @@ class ExecutionActivities:
 
     async def _remove_step_worktrees(self, repo: GitRepository | None, directive_id: str,
                                      step: str, extra: list[Path] | None = None) -> bool:
-        """Remove every worktree of `step` on this worker (and `extra` ones); True when
-        there was one. Without `repo` (gone) they are plain folders."""
+        """Remove every worktree of `step` on this worker (and `extra` ones), and its
+        Claude Code session homes (a try that crashed and was never retried left its
+        session there); True when there was a worktree. Without `repo` (gone) they
+        are plain folders."""
         candidates = step_folders(self.home, directive_id, step)
         candidates += [path for path in extra or [] if path not in candidates]
         removed = False
         for path in candidates:
             if repo is not None:
                 removed |= await repo.remove_worktree(path)
-            elif path.exists():
+            elif await asyncio.to_thread(path.exists):
                 await asyncio.to_thread(shutil.rmtree, path, True)
                 removed = True
+        for path in step_session_homes(self.home, directive_id, step):
+            await asyncio.to_thread(shutil.rmtree, path, True)
         return removed
 
     # ------------------------------------------------------------------ complete

@@ -22,6 +22,10 @@ from pathlib import Path
 from makima.git import safe_path_component
 
 WORKTREES = "worktrees"
+#: Claude Code's HOME of each try (its session files), kept next to the try's folder
+#: (never inside it, where it would be committed) until the run ends or the step
+#: is cleaned up.
+SESSION_HOMES = ".claude-homes"
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,23 @@ def directive_folder(home: Path, directive_id: str) -> Path:
     return home / WORKTREES / safe_path_component(directive_id)
 
 
+def session_home(worktree: Path) -> Path:
+    """Claude Code's HOME for the try working in `worktree`."""
+    return worktree.parent / SESSION_HOMES / worktree.name
+
+
 def step_folders(home: Path, directive_id: str, step: str) -> list[Path]:
     """The folders of every try of every attempt of `step` on this worker."""
-    folder = directive_folder(home, directive_id)
+    return _tries_in(directive_folder(home, directive_id), step)
+
+
+def step_session_homes(home: Path, directive_id: str, step: str) -> list[Path]:
+    """The session homes of every try of `step` on this worker, their worktrees
+    removed or not (a crashed try that was never retried leaves one behind)."""
+    return _tries_in(directive_folder(home, directive_id) / SESSION_HOMES, step)
+
+
+def _tries_in(folder: Path, step: str) -> list[Path]:
     pattern = re.compile(rf"^{re.escape(safe_path_component(step))}-a\d+-t\d+$")
     if not folder.is_dir():
         return []

@@ -26,10 +26,10 @@ from temporalio.testing import ActivityEnvironment
 from activities.execution import ExecutionActivities
 from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput
 from makima.executors.base import ExecutorSetupError
-from makima.executors.claude_code import STEP_INSTRUCTIONS, claude_code_preflight, session_home
+from makima.executors.claude_code import STEP_INSTRUCTIONS, claude_code_preflight
 from makima.executors.model_proxy import PLACEHOLDER_KEY
 from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
-from makima.workspace import Workspace
+from makima.workspace import Workspace, session_home
 from tests.fakes.repos import make_repo, set_identity, show
 from tests.messages_server import MessagesServer, ReceivedRequest, Reply, text_reply, tool_reply
 from tests.test_sandbox import Target, target  # noqa: F401 (the fixture)

@@ -44,6 +44,7 @@ from makima.models import (
     StepState,
     StepStatus,
 )
+from makima.workspace import session_home
 from tests.fakes.repos import install_fake, make_repo, set_identity, sh, show
 
 DIRECTIVE = "directive-test-0001"
@@ -272,9 +273,15 @@ async def test_cleanup_removes_the_steps_worktrees_and_is_idempotent(
     first = await execute(acts, spec, integration, "tidy", "echo 1 > t.txt")
     second = await execute(acts, spec, integration, "tidy", "echo 2 > t.txt", attempt=2)
     keep = await execute(acts, spec, integration, "tidy-up", "echo 3 > u.txt")
+    # Claude Code's session homes: one of a try that crashed and was never retried
+    crashed = session_home(Path(first.worktree).parent / "tidy-a3-t1")
+    kept_home = session_home(Path(keep.worktree))
+    for folder in (crashed, kept_home):
+        (folder / ".claude").mkdir(parents=True)
     request = CleanupInput(directive_id=DIRECTIVE, repository=repository, step="tidy")
     assert (await acts.cleanup_step(request)).removed
     assert not _exists(first.worktree) and not _exists(second.worktree)
+    assert not crashed.exists() and kept_home.exists()
     assert _exists(keep.worktree)  # another step's worktree stays
     assert not (await acts.cleanup_step(request)).removed
     assert str(first.worktree) not in sh("git", "worktree", "list", cwd=repo)

@@ -81,6 +81,7 @@ from makima.process import (
     truncate_tail,
 )
 from makima.sandbox import Confinement, bwrap_command, sandbox_enabled
+from makima.workspace import session_home
 
 DEFAULT_MAX_TURNS = 200
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
@@ -297,12 +298,6 @@ def _tokens(raw: dict[str, Any]) -> Usage:
         cache_read_tokens=int(raw.get("cache_read_input_tokens") or 0),
         cache_write_tokens=int(raw.get("cache_creation_input_tokens") or 0),
     )
-
-
-def session_home(worktree: Path) -> Path:
-    """Claude Code's HOME for one attempt: next to its worktree (never inside it,
-    where it would be committed), kept until the attempt's run ends with a result."""
-    return worktree.parent / ".claude-homes" / worktree.name
 
 
 def session_file(worktree: Path, session_id: str) -> Path:
