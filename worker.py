@@ -22,7 +22,8 @@ then exits with status 2 and the last error.
 
 Agents die with their worker even when it is killed outright (see
 makima/lifeline.py); a worker starting on a MAKIMA_HOME reaps the agent process
-groups an earlier, dead worker on that home left behind.
+groups an earlier, dead worker on that home left behind, and removes the folders
+it left of directives that have ended (makima/leftovers.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.evaluation import EvaluationActivities
@@ -69,6 +71,7 @@ from makima.errors import SpecError
 from makima.executors.base import ExecutorSetupError
 from makima.executors.claude_code import claude_code_preflight
 from makima.git import makima_home
+from makima.leftovers import reap_ended_directives
 from makima.lifeline import reap_orphans
 from makima.llm.client import LLMClient, llm_from_env
 from makima.report import pull_request_report
@@ -182,6 +185,15 @@ async def run(queue: str, graceful_seconds: float, max_concurrent_steps: int | N
         log.warning("makima worker: killed %d agent process group(s) an earlier worker on %s "
                     "left running: %s", len(reaped), home, ", ".join(map(str, reaped)))
     client = await connect_temporal_when_ready(temporal_wait_seconds(), log)
+    try:
+        ended = await reap_ended_directives(client, home)
+    except (RPCError, OSError) as err:  # housekeeping: the worker can work without it
+        log.warning("makima worker: could not look for folders of ended directives on %s: %s",
+                    home, err)
+    else:
+        if ended:
+            log.info("makima worker: removed the folders an earlier worker on %s left of %d "
+                     "ended directive(s): %s", home, len(ended), ", ".join(ended))
     pool = await create_pool()
     llm = llm_from_env()
     own_queue = worker_queue_name(queue)

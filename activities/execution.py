@@ -63,6 +63,7 @@ from makima.process import scrub_secrets, truncate_tail
 from makima.workspace import (
     Workspace,
     is_inside_worktrees,
+    record_directive,
     step_folders,
     step_session_homes,
 )
@@ -228,6 +229,7 @@ class ExecutionActivities:
         # A directory of its own for every try: a try that was cut off may still have a
         # process writing into its directory (until its worker's death reaches it).
         workspace = Workspace(self.home, input.directive_id, step, input.attempt, info.attempt)
+        await asyncio.to_thread(record_directive, self.home, input.directive_id)
         worktree = workspace.path
         previous_workspace = workspace.previous_try()
         previous = previous_workspace.path if previous_workspace else None
@@ -361,6 +363,7 @@ class ExecutionActivities:
         async with self._alive():
             repo = await self._open(input.spec.repository)
             branch = step_branch(input.directive_id, input.step)
+            await asyncio.to_thread(record_directive, self.home, input.directive_id)
             worktree = Workspace(self.home, input.directive_id, input.step, input.attempt,
                                  activity.info().attempt if activity.in_activity() else 1).path
             async with repo.lock():

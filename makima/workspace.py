@@ -48,8 +48,36 @@ class Workspace:
                          self.try_number - 1)
 
 
+#: In each directive's folder: the directive's id (the folder's name is only a safe
+#: form of it).
+DIRECTIVE_RECORD = ".directive"
+
+
 def directive_folder(home: Path, directive_id: str) -> Path:
     return home / WORKTREES / safe_path_component(directive_id)
+
+
+def record_directive(home: Path, directive_id: str) -> None:
+    """Write down which directive a folder belongs to (blocking: a tiny write)."""
+    folder = directive_folder(home, directive_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / DIRECTIVE_RECORD
+    if not record.is_file():
+        record.write_text(directive_id)
+
+
+def directives_with_folders(home: Path) -> list[tuple[str, Path]]:
+    """(directive id, its folder) of every directive with folders on this worker
+    whose id was written down (blocking)."""
+    root = home / WORKTREES
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        record = folder / DIRECTIVE_RECORD
+        if record.is_file() and not record.is_symlink():
+            found.append((record.read_text()[:1000].strip(), folder))
+    return found
 
 
 def session_home(worktree: Path) -> Path:

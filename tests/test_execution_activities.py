@@ -44,7 +44,7 @@ from makima.models import (
     StepState,
     StepStatus,
 )
-from makima.workspace import session_home
+from makima.workspace import session_home, step_folders
 from tests.fakes.repos import install_fake, make_repo, set_identity, sh, show
 
 DIRECTIVE = "directive-test-0001"
@@ -533,7 +533,7 @@ async def test_execute_step_heartbeats_while_it_waits_for_the_repository_lock(
                 break
             await asyncio.sleep(0.1)
         assert len(beats) >= 3, "no heartbeats while waiting for the lock"
-        assert not (tmp_path / "home" / "worktrees").exists(), "a worktree before the lock"
+        assert not step_folders(tmp_path / "home", DIRECTIVE, "waits"), "a worktree before the lock"
         assert not running.done()
     out = await asyncio.wait_for(running, 30)
     assert out.success and out.changed_files == ["ok.txt"]
