@@ -387,7 +387,7 @@ class ExecutionActivities:
                                       branch: str, head: str) -> str:
         """Attempt worktrees are detached, so a person who committed a fix inside one
         left the step branch behind; move the branch forward to such a commit."""
-        for path in step_folders(self.home, directive_id, step):
+        for path in await asyncio.to_thread(step_folders, self.home, directive_id, step):
             result = await repo.run("rev-parse", "HEAD", cwd=path, check=False)
             candidate = result.stdout.strip()
             if (result.code == 0 and candidate and candidate != head
@@ -463,7 +463,7 @@ class ExecutionActivities:
         Claude Code session homes (a try that crashed and was never retried left its
         session there); True when there was a worktree. Without `repo` (gone) they
         are plain folders."""
-        candidates = step_folders(self.home, directive_id, step)
+        candidates = await asyncio.to_thread(step_folders, self.home, directive_id, step)
         candidates += [path for path in extra or [] if path not in candidates]
         removed = False
         for path in candidates:
@@ -472,7 +472,7 @@ class ExecutionActivities:
             elif await asyncio.to_thread(path.exists):
                 await asyncio.to_thread(shutil.rmtree, path, True)
                 removed = True
-        for path in step_session_homes(self.home, directive_id, step):
+        for path in await asyncio.to_thread(step_session_homes, self.home, directive_id, step):
             await asyncio.to_thread(shutil.rmtree, path, True)
         return removed
 
