@@ -78,6 +78,8 @@ def temporal_wait_seconds() -> float:
 
 def _not_ready_yet(err: Exception) -> bool:
     """A server that is down, starting, or not serving yet (worth waiting for)."""
+    if "not healthy" in str(err).lower():  # a dev server or frontend still starting
+        return True
     if isinstance(err, RPCError):
         return err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
     return isinstance(err, RuntimeError) and "Failed client connect" in str(err)
