@@ -76,7 +76,7 @@ def temporal_wait_seconds() -> float:
     return value
 
 
-def _not_ready_yet(err: Exception) -> bool:
+def server_not_ready(err: Exception) -> bool:
     """A server that is down, starting, or not serving yet (worth waiting for)."""
     if "not healthy" in str(err).lower():  # a dev server or frontend still starting
         return True
@@ -96,7 +96,7 @@ async def connect_temporal_when_ready(wait_seconds: float, log: logging.Logger) 
         try:
             return await connect_temporal()
         except (RuntimeError, RPCError) as err:
-            if not _not_ready_yet(err):
+            if not server_not_ready(err):
                 raise
             left = deadline - time.monotonic()
             reason = str(err).splitlines()[0][:300]
