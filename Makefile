@@ -41,7 +41,7 @@ test-faults: $(STAMP) sandbox-tools fault-tools
 	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py tests/test_many_workers.py
 
 # The interleaving fuzzer at length: thousands of random directives steered by random
-# commands (make test runs 60 of them). A failure prints MAKIMA_FUZZ_SEED=...
+# commands (make test runs 80 of them). A failure prints MAKIMA_FUZZ_SEED=...
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_BATCH=$${FUZZ_BATCH:-50} $(BIN)/pytest tests/test_fuzz_commands.py
 

@@ -38,7 +38,7 @@ completion ("ACTIVITY_UNKNOWN"; the cancelled workflow then never closes),
 which is exactly the race the fuzzer provokes. It also reports a terminated
 child to its parent, which the time-skipping server does not.
 
-Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 60) in
+Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 80) in
 concurrent batches, `make fuzz` thousands. A failing example prints its seed;
 `MAKIMA_FUZZ_SEED=<seed> .venv/bin/pytest tests/test_fuzz_commands.py` runs that
 script again (alone, so its timing differs from the batch it failed in).
@@ -105,8 +105,9 @@ from workflows.directive import DirectiveWorkflow
 from workflows.step import StepWorkflow
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
-BATCH = int(os.environ.get("FUZZ_BATCH", "30"))
+#: About a second of CPU each (README "Tests": what more would cost `make test`).
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
+BATCH = int(os.environ.get("FUZZ_BATCH", "40"))
 SEED = os.environ.get("MAKIMA_FUZZ_SEED")
 RESTARTS = os.environ.get("FUZZ_RESTARTS", "0") == "1"
 #: Seconds between two status queries of one directive by the driver. Each query is
