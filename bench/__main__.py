@@ -249,8 +249,9 @@ def step(name: str, deps: list[str], command: str = "true") -> PlannedStep:
 STAMPED = "date +%s.%N > {name}.start && date +%s.%N > {name}.end"
 
 #: The segments of one level of a makima chain, in order: from one agent's last
-#: instruction to the next agent's first. (label, from, to) over the points that
-#: `level_points` reads from the histories and the stamps.
+#: instruction to the next agent's first. (label, from, to) over the points read
+#: from the histories and the stamps; a segment whose points are missing (no
+#: cleanup activity when the merge removed the worktrees) is left out.
 SEGMENTS = [
     ("commit, push, describe (execute)", "agent_end", "execute_completed"),
     ("-> evaluate starts", "execute_completed", "evaluate_started"),
@@ -259,7 +260,7 @@ SEGMENTS = [
     ("merge", "merge_started", "merge_completed"),
     ("-> cleanup starts", "merge_completed", "cleanup_started"),
     ("cleanup", "cleanup_started", "cleanup_completed"),
-    ("-> step returns (events, signals)", "cleanup_completed", "child_completed"),
+    ("-> step returns (events, signals)", "last_completed", "child_completed"),
     ("parent's workflow task", "child_completed", "next_child_initiated"),
     ("child workflow starts", "next_child_initiated", "next_child_started"),
     ("-> execute starts", "next_child_started", "next_execute_started"),
@@ -343,7 +344,11 @@ async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
                       "next_agent_start": agent[names[i]][0]}
             for kind in ("execute", "evaluate", "merge", "cleanup"):
                 for moment in ("started", "completed"):
-                    points[f"{kind}_{moment}"] = times[f"{kind}_step"][moment]
+                    if moment in times.get(f"{kind}_step", {}):
+                        points[f"{kind}_{moment}"] = times[f"{kind}_step"][moment]
+            # the step's last activity before it returns
+            points["last_completed"] = points.get("cleanup_completed",
+                                                  points["merge_completed"])
             points["next_child_initiated"] = parent[f"{handle.id}/g1/{names[i]}"]
             parts.append(segments(points, SEGMENTS))
             makima.append(points["next_execute_started"] - points["child_completed"])
