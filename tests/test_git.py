@@ -16,17 +16,23 @@ from makima.process import run_process
 from tests.fakes.repos import make_repo, set_identity, sh, show
 
 
-async def test_commits_get_a_fallback_identity_without_any_git_config(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def repo_without_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository on a machine with no identity anywhere: no env, no global or
+    system config."""
     set_identity(monkeypatch)
     repo_path = make_repo(tmp_path / "repo")
-    # Now a machine with no identity anywhere: no env, no global or system config.
     for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
                 "EMAIL"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    return repo_path
+
+
+async def test_commits_get_a_fallback_identity_without_any_git_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo_path = repo_without_identity(tmp_path, monkeypatch)
     repo = GitRepository(repo_path, tmp_path / "home")
     worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
     (worktree / "new.txt").write_text("new\n")
@@ -37,14 +43,7 @@ async def test_commits_get_a_fallback_identity_without_any_git_config(
 
 async def test_the_fallback_fills_only_what_git_config_leaves_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_identity(monkeypatch)
-    repo_path = make_repo(tmp_path / "repo")
-    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
-                "EMAIL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo_path = repo_without_identity(tmp_path, monkeypatch)
     sh("git", "config", "user.name", "Ada Lovelace", cwd=repo_path)  # a name, no email
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "ci@example.org")
     repo = GitRepository(repo_path, tmp_path / "home")
