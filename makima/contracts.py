@@ -20,6 +20,7 @@ from makima.models import (
     Confidence,
     DirectiveSpec,
     Model,
+    PendingApproval,
     Plan,
     PlannedStep,
     Repository,
@@ -315,6 +316,13 @@ class StepInput(Model):
     reevaluate: bool = False
     first_attempt: int = 1
     rework_count: int = 0
+    #: The directive keeps approvals (DESIGN.md, "checkpoints"): at yellow the step
+    #: returns `awaiting_approval` with its attempt, branch and commit instead of
+    #: waiting, so no step workflow runs while a person decides.
+    park_for_decision: bool = False
+    #: A run that merges the attempt a person approved (numbered `first_attempt`);
+    #: a merge conflict sends it to rework like any red result.
+    approved: PendingApproval | None = None
 
 
 class StepResult(Model):

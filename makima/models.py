@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -347,6 +348,20 @@ class PendingApproval(Model):
     commit: str | None = None
 
 
+class HeldDecision(Model):
+    """A person's answer about a step that waits in the directive itself (no step
+    workflow runs while a person decides). The directive acts on it once the step's
+    last run has returned: `deny` blocks the step; `approve` merges the approved
+    attempt and `reevaluate` evaluates the step branch again, both by a new run of the
+    step (a re-evaluation only while the directive is not paused)."""
+
+    step: str
+    action: Literal["approve", "deny", "reevaluate"]
+    by: str = ""
+    comment: str = ""
+    approval: PendingApproval | None = None  # what the person saw, for approve and deny
+
+
 class EventSummary(Model):
     seq: int
     at: datetime
@@ -403,11 +418,17 @@ class DirectiveCarry(Model):
     #: history grew large: the generation's plan and steps, taken up without re-planning.
     current_plan: Plan | None = None
     current_steps: list[StepState] = Field(default_factory=list)
+    #: Per step: how many further runs it had in this generation (re-evaluations, and
+    #: runs that merge an approved attempt); numbers their workflow ids.
     reevaluations: dict[str, int] = Field(default_factory=dict)
     #: What people changed that the next run must keep: an accepted stop, and a goal
     #: change not planned yet (budgets travel in the spec, pause in `paused`).
     stop_reason: str | None = None
     goal_update: GoalUpdate | None = None
+    #: Steps that wait for a person in the directive itself, and answers not acted on
+    #: yet (a run may continue as new while they wait).
+    pending_approvals: list[PendingApproval] = Field(default_factory=list)
+    held_decisions: list[HeldDecision] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- messages (signals, updates)

@@ -194,3 +194,8 @@ def merge_conflict_evaluation(files: list[str], message: str) -> Evaluation:
         ).strip(),
         evaluator="merge",
     )
+
+
+def denial_reason(by: str, comment: str) -> str:
+    """Why a denied step is blocked, in the audit log and the status."""
+    return f"denied by {by}" + (f": {comment}" if comment else "")

@@ -150,7 +150,7 @@ def test_stop_cancels_a_running_directive(dev_stack: RunningDev, cli, sample_rep
     wait_for(dev_stack, directive_id, lambda s: s["steps"] and
              s["steps"][0]["status"] == "running")
     done = dev_stack.cli("stop", directive_id, "--reason", "enough for today")
-    assert done.returncode == 0 and "accepted: stopping" in done.stdout
+    assert done.returncode == 0 and "accepted: stopped: every step has ended" in done.stdout
     final = wait_for(dev_stack, directive_id, lambda s: s["status"] == "stopped")
     assert final["reason"] == "enough for today"
     assert final["steps"][0]["status"] == "cancelled"

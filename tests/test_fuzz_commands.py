@@ -44,9 +44,12 @@ concurrent batches, `make fuzz` thousands. A failing example prints its seed;
 script again (alone, so its timing differs from the batch it failed in).
 
 Invariants:
-  (a) an accepted stop ends the directive stopped, and no step child is started
-      after it was accepted;
-  (b) while an accepted pause is in force, no step child is started;
+  (a) an accepted stop ends the directive stopped, no step child is started after
+      the stop was accepted, and no merge finishes after the stop's answer (the
+      answer waits until every step workflow has ended; a merge under way then
+      runs to its end, before the answer);
+  (b) while an accepted pause is in force, no step child is started (but the run
+      that merges an attempt a person approved, which starts no attempt);
   (c) no accepted budget raise or goal change is lost;
   (d) every directive ends, or waits for a person, within a bounded time;
   (e) spend equals what the stand-ins billed, failed tries included (an agent that
@@ -69,7 +72,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.worker import Replayer, Worker
 
+import makima.constants
 from makima.contracts import EventType, PlanInput
 from makima.models import (
     ApprovalDecision,
@@ -119,7 +123,13 @@ RESTART_EVERY = (2.0, 6.0)
 STICKY_TIMEOUT = timedelta(seconds=1)
 SCORES = (0.95, 0.95, 0.6, 0.2)  # green is likelier, so most directives get somewhere
 ACTIONS = ("approve", "approve-stale", "deny", "pause", "resume", "stop", "raise", "goal",
-           "reevaluate", "cancel-step", "terminate-step")
+           "reevaluate", "cancel-step", "terminate-step", "noise")
+#: The fuzzer's directives continue as new after this many history events (instead of
+#: 5,000), so approvals, decisions and every other command meet checkpoints often.
+CHECKPOINT_EVENTS = 80
+#: "noise": refused messages (decisions about an attempt nobody saw) that only grow the
+#: history, so a directive waiting for a person reaches a checkpoint.
+NOISE = 25
 #: Workflow task failures the server causes (a workflow terminated or signalled while
 #: its task ran), not workflow code.
 NOT_WORKFLOW_CODE = {
@@ -289,6 +299,10 @@ class Fuzz:
                 step = rng.choice(snap.steps).name
                 await self._update(handle, DirectiveWorkflow.reevaluate_step, StepRef(step=step),
                                    outcome)
+        elif action == "noise":
+            for _ in range(NOISE):
+                await handle.signal(DirectiveWorkflow.approve, ApprovalDecision(
+                    step=snap.steps[0].name if snap.steps else "none", by="fuzz", attempt=99))
         elif action in ("cancel-step", "terminate-step"):
             running = [s for s in snap.steps if s.status.is_active and s.workflow_id]
             if running:
@@ -424,11 +438,20 @@ class Fuzz:
                 elif name == "stop_directive":
                     stopped = True
             if event.HasField("start_child_workflow_execution_initiated_event_attributes"):
-                child = event.start_child_workflow_execution_initiated_event_attributes.workflow_id
+                started = event.start_child_workflow_execution_initiated_event_attributes
+                child = started.workflow_id
                 assert not stopped, f"(a) step {child} was started after an accepted stop"
-                assert not paused, f"(b) step {child} was started while a pause was in force"
+                # the run that merges an approved attempt is no new attempt: it may start
+                # while paused (a rework after a conflict then waits for the resume)
+                merges = json.loads(started.input.payloads[0].data).get("approved") is not None
+                assert not paused or merges, (
+                    f"(b) step {child} was started while a pause was in force")
         if outcome.stop:
             assert final.status is DirectiveStatus.STOPPED, f"(a) stop accepted, ended {final.status}"
+            answered = stop_answered_at(runs)
+            assert answered is not None, "(a) the accepted stop has no answer in the history"
+            late = [t for t in merges_finished_at(children) if t > answered]
+            assert not late, f"(a) a merge finished at {late[0]}, after the stop's answer at {answered}"
         # (c) accepted changes are kept
         if outcome.raised_to is not None:
             assert (final.budgets.max_cost_usd or 0) >= outcome.raised_to, "(c) a raise was lost"
@@ -451,6 +474,34 @@ class Fuzz:
         assert statuses and statuses[-1].data["status"] == final.status.value, "(g) last status"
         seqs = sorted(e.seq for e in mine if e.source == handle.id)
         assert seqs == list(range(1, len(seqs) + 1)), f"(g) directive event numbers: {seqs}"
+
+
+def stop_answered_at(runs: list[Any]) -> datetime | None:
+    """When the directive answered the accepted stop_directive update."""
+    stops: set[str] = set()
+    for event in (e for run in runs for e in run.events):
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            if request.input.name == "stop_directive":
+                stops.add(request.meta.update_id)
+        if event.HasField("workflow_execution_update_completed_event_attributes"):
+            completed = event.workflow_execution_update_completed_event_attributes
+            if completed.meta.update_id in stops and completed.outcome.HasField("success"):
+                return event.event_time.ToDatetime()
+    return None
+
+
+def merges_finished_at(children: list[Any]) -> list[datetime]:
+    """When each merge_step activity of the step workflows completed."""
+    finished = []
+    for history in children:
+        merges = {e.event_id for e in history.events
+                  if e.HasField("activity_task_scheduled_event_attributes")
+                  and e.activity_task_scheduled_event_attributes.activity_type.name == "merge_step"}
+        finished += [e.event_time.ToDatetime() for e in history.events
+                     if e.HasField("activity_task_completed_event_attributes")
+                     and e.activity_task_completed_event_attributes.scheduled_event_id in merges]
+    return finished
 
 
 def workflow_worker(fuzz: Fuzz) -> Worker:
@@ -516,7 +567,8 @@ async def dev_client(tmp_path: Path) -> AsyncIterator[Client]:
 
 
 async def test_every_accepted_command_holds_under_random_interleavings(
-        dev_client: Client, task_queue: str) -> None:
+        dev_client: Client, task_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", CHECKPOINT_EVENTS)
     if SEED is not None:
         seeds = [int(SEED)]
     else:

@@ -32,13 +32,17 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "step-cancelled-outside", "stop-after-a-paused-attempt", "timed-out-tries",
                 # routed to the worktree's worker (tests/test_routing.py); v1 before
                 # the merge removed the worktrees itself
-                "routed", "routed-v1"}
+                "routed", "routed-v1", "checkpoint-approve", "checkpoint-deny",
+                "stop-during-merge"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}
     # every signal and update, across continue-as-new (checkpoints and a goal change);
     # messages-v1 was recorded under the first patch only
     assert {"messages-1.json", "messages-2.json"} <= {p.name for p in HISTORIES}
+    # a step waiting for a person does not hold the checkpoint: approve and deny are
+    # decided in a later run than the one that asked
+    assert {"checkpoint-approve-1.json", "checkpoint-deny-1.json"} <= {p.name for p in HISTORIES}
     # and every step child, whose code the directive's own history does not replay
     assert len([p for p in HISTORIES if "-step" in p.name]) >= 20
 

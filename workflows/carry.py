@@ -54,6 +54,9 @@ class DirectiveCarrying:
             self._planned = {s.name: s for s in carry.current_plan.steps}
             self._steps = {s.name: s for s in carry.current_steps}
             self._reevaluations = dict(carry.reevaluations)
+            self._pending = {p.step: p for p in carry.pending_approvals}
+            self._held = {h.step: h for h in carry.held_decisions}
+            self._decided = {h.step for h in carry.held_decisions if h.action != "reevaluate"}
 
     async def _next_generation(self) -> DirectiveSnapshot:
         reason = self._ending_reason()
@@ -85,7 +88,8 @@ class DirectiveCarrying:
         return await self._continue(spec, self._carry(
             generation=self._generation + 1, replans=replans, goal_update=None,
             previous_steps=list(self._steps.values()), previous_plan=self._plan_model,
-            replan_reason=reason[: c.MAX_TEXT_IN_HISTORY], user_plan=user_plan))
+            replan_reason=reason[: c.MAX_TEXT_IN_HISTORY], user_plan=user_plan,
+            pending_approvals=[], held_decisions=[]))
 
     def _carry(self, **fields: Any) -> DirectiveCarry:
         """What the next run needs; `fields` say what differs from this run."""

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         step_workflow_id,
     )
     from makima.models import PendingApproval, StepStatus
+    from makima.policy import denial_reason
     from workflows.step import PROGRESS_SIGNAL, StepWorkflow
     from workflows.usage import cause_of
 
@@ -34,10 +35,14 @@ with workflow.unsafe.imports_passed_through():
 class DirectiveChildren:
     """The StepWorkflow children, over `DirectiveWorkflow`'s state."""
 
-    def _start_step(self, name: str, *, reevaluate: bool = False) -> None:
+    def _start_step(self, name: str, *, reevaluate: bool = False,
+                    approved: PendingApproval | None = None) -> None:
+        """Start a run of step `name`: its next attempt, a re-evaluation of its branch,
+        or (`approved`) the merge of the attempt a person approved."""
         state = self._steps[name]
         run = self._reevaluations.get(name, 0)
         wf_id = step_workflow_id(self._id, self._generation, name, run)
+        attempts = approved.attempt if approved is not None else state.attempts + 1
         step_input = StepInput(
             directive_id=self._id,
             generation=self._generation,
@@ -46,13 +51,15 @@ class DirectiveChildren:
             integration_branch=self._branch,
             paused=self._paused,
             reevaluate=reevaluate,
-            first_attempt=state.attempts + 1,
+            first_attempt=attempts,
             rework_count=state.rework_count,
+            park_for_decision=self._parks_approvals,
+            approved=approved,
         )
         self._progress_seq[name] = 0
         self._run_cost[name] = 0.0
         self._set_step(name, status=StepStatus.EVALUATING if reevaluate else StepStatus.RUNNING,
-                       attempts=state.attempts + 1, workflow_id=wf_id, reason="")
+                       attempts=max(state.attempts, attempts), workflow_id=wf_id, reason="")
         self._launching += 1
         asyncio.create_task(self._child(name, wf_id, step_input))
 
@@ -95,10 +102,47 @@ class DirectiveChildren:
                 self._set_step(name, status=StepStatus.FAILED, reason=cause_of(err))
         finally:
             self._children.pop(name, None)
-            self._pending.pop(name, None)
-            self._decided.discard(name)
+            if not self._parked(name):
+                self._pending.pop(name, None)
+                self._decided.discard(name)
+                self._held.pop(name, None)
             self._changed = True
 
+    # ------------------------------------------------------------------ steps that wait for a person
+
+    def _parked(self, name: str) -> bool:
+        """The step's run returned to wait for a person in the directive (see HeldDecision)."""
+        state = self._steps.get(name)
+        return (self._parks_approvals and state is not None
+                and state.status is StepStatus.AWAITING_APPROVAL and name not in self._children)
+
+    def _act_on_held(self) -> None:
+        """Act on the answers people gave about parked steps: deny blocks the step now;
+        approve starts the run that merges the approved attempt (also while paused: a
+        merge is no new attempt, and a rework after a conflict waits for the resume);
+        re-evaluate starts a run that evaluates the step branch again, once resumed."""
+        for name, held in list(self._held.items()):
+            if not self._parked(name):
+                continue  # its run is still returning; acted on once it has
+            if held.action == "deny":
+                del self._held[name]
+                self._decided.discard(name)
+                self._failed_steps += 1
+                self._set_step(name, status=StepStatus.BLOCKED,
+                               reason=denial_reason(held.by, held.comment))
+            elif held.action == "approve" or not self._paused:
+                del self._held[name]
+                self._reevaluations[name] = self._reevaluations.get(name, 0) + 1
+                self._start_step(name, reevaluate=held.action == "reevaluate",
+                                 approved=held.approval if held.action == "approve" else None)
+
+    def _cancel_parked(self) -> None:
+        """On stop: parked steps end cancelled, their approvals and answers void."""
+        for name in [n for n in self._steps if self._parked(n)]:
+            self._pending.pop(name, None)
+            self._held.pop(name, None)
+            self._set_step(name, status=StepStatus.CANCELLED,
+                           reason="the directive stopped while the step waited for a decision")
     def _on_result(self, result: StepResult) -> None:
         state = self._steps[result.name]
         # what the run spent that its progress reports did not carry

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         BudgetRaise,
         Empty,
         GoalUpdate,
+        HeldDecision,
         PlannerKind,
         StepRef,
         StepStatus,
@@ -88,20 +89,39 @@ class DirectiveCommands:
         await self._decide(decision, False)
 
     async def _decide(self: DirectiveWorkflow, decision: ApprovalDecision, approved: bool) -> None:
+        if self._parks_approvals:
+            self._hold_decision(decision, approved)
+            return
         if self._delivered_decisions:
             await self._relay_decision(decision, approved)
             return
         pending = self._pending.pop(decision.step)
         self._decided.add(decision.step)
-        self._event(EventType.APPROVAL_DECIDED,
-                    f"{decision.step} {'approved' if approved else 'denied'} by {decision.by}",
-                    step=decision.step, attempt=pending.attempt, actor=decision.by,
-                    data={"approved": approved, "by": decision.by, "comment": decision.comment})
+        self._decision_event(decision, approved, pending.attempt)
         self._changed = True
         handle = self._children.get(decision.step)
         if handle is not None:
             await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
                                                        comment=decision.comment))
+
+    def _hold_decision(self: DirectiveWorkflow, decision: ApprovalDecision,
+                       approved: bool) -> None:
+        """The step waits in the directive: the decision is kept here, recorded now, and
+        acted on by the run loop (`_act_on_held`)."""
+        pending = self._pending.pop(decision.step)
+        self._decided.add(decision.step)
+        self._held[decision.step] = HeldDecision(
+            step=decision.step, action="approve" if approved else "deny", by=decision.by,
+            comment=decision.comment, approval=pending)
+        self._decision_event(decision, approved, pending.attempt)
+        self._changed = True
+
+    def _decision_event(self: DirectiveWorkflow, decision: ApprovalDecision, approved: bool,
+                        attempt: int) -> None:
+        self._event(EventType.APPROVAL_DECIDED,
+                    f"{decision.step} {'approved' if approved else 'denied'} by {decision.by}",
+                    step=decision.step, attempt=attempt, actor=decision.by,
+                    data={"approved": approved, "by": decision.by, "comment": decision.comment})
 
     async def _relay_decision(self: DirectiveWorkflow, decision: ApprovalDecision,
                               approved: bool) -> None:
@@ -121,10 +141,7 @@ class DirectiveCommands:
             raise ApplicationError(
                 f"step {decision.step!r} ended before the decision reached it ({err.message})",
                 type="Rejected", non_retryable=True) from err
-        self._event(EventType.APPROVAL_DECIDED,
-                    f"{decision.step} {'approved' if approved else 'denied'} by {decision.by}",
-                    step=decision.step, attempt=pending.attempt, actor=decision.by,
-                    data={"approved": approved, "by": decision.by, "comment": decision.comment})
+        self._decision_event(decision, approved, pending.attempt)
         self._changed = True
 
     # ------------------------------------------------------------------ pause, resume, stop
@@ -172,9 +189,14 @@ class DirectiveCommands:
             return "the directive is already stopping"
         return None
 
-    def _stop(self: DirectiveWorkflow, request: StopRequest | None = None) -> None:
+    async def _stop(self: DirectiveWorkflow, request: StopRequest | None = None) -> None:
         self._stop_reason = (request or StopRequest()).reason
         self._changed = True
+        if self._stop_waits:
+            # The answer comes once every step workflow has ended (a merge already under
+            # way finishes first, see StepWorkflow._merge): whatever merged, merged before
+            # the person was told "stopped", and nothing merges after it.
+            await workflow.wait_condition(lambda: not self._children and not self._launching)
 
     # ------------------------------------------------------------------ goal and budget
 
@@ -205,7 +227,7 @@ class DirectiveCommands:
         if self._goal_update is None:
             return ""
         running = [n for n, s in self._steps.items()
-                   if s.status.is_active and n not in self._pending]
+                   if s.status.is_active and n not in self._pending and n not in self._held]
         waits = []
         if running:
             waits.append(f"running steps finish ({', '.join(running)})")
@@ -246,6 +268,10 @@ class DirectiveCommands:
         state = self._steps.get(ref.step)
         if state is None:
             return self._unknown_step(ref.step)
+        held = self._held.get(ref.step)
+        if held is not None and held.action == "reevaluate":
+            return (f"a re-evaluation of step {ref.step!r} was already asked; it starts "
+                    + ("once the directive is resumed" if self._paused else "now"))
         if ref.step in self._decided:
             return (f"step {ref.step!r} was already approved or denied; that decision stands "
                     "and the step is no longer re-evaluated")
@@ -256,7 +282,11 @@ class DirectiveCommands:
 
     async def _reevaluate(self: DirectiveWorkflow, ref: StepRef) -> None:
         state = self._steps[ref.step]
-        if state.status is StepStatus.AWAITING_APPROVAL:
+        if state.status is StepStatus.AWAITING_APPROVAL and self._parks_approvals:
+            # the step waits in the directive: the run loop starts the re-evaluation
+            self._pending.pop(ref.step, None)
+            self._held[ref.step] = HeldDecision(step=ref.step, action="reevaluate")
+        elif state.status is StepStatus.AWAITING_APPROVAL:
             self._pending.pop(ref.step, None)
             handle = self._children.get(ref.step)
             if handle is not None:
@@ -312,8 +342,9 @@ COMMANDS = (
             answer=lambda wf, _: "resumed",
             signal=Handler("resume", "Continue a paused directive."),
             update=Handler("resume_directive", "Resume; says if refused.")),
-    Command(StopRequest | None, D._stop_problem, D._stop,
-            answer=lambda wf, _: "stopping: running steps are cancelled",
+    Command(StopRequest | None, D._stop_problem, D._stop, is_async=True,
+            answer=lambda wf, _: ("stopped: every step has ended, nothing merges after this"
+                                  if wf._stop_waits else "stopping: running steps are cancelled"),
             signal=Handler("stop", "Cancel running steps and end stopped."),
             update=Handler("stop_directive", "Stop; says if refused.")),
     Command(GoalUpdate, D._goal_problem, D._update_goal,

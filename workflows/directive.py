@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         DirectiveSpec,
         DirectiveStatus,
         GoalUpdate,
+        HeldDecision,
         PendingApproval,
         PlannedStep,
         StepState,
@@ -61,6 +62,11 @@ COMMANDS_HOLD_PATCH = "directive-commands-hold"
 #: A decision is recorded only once the step has it, and no command is accepted while the
 #: directive completes (added after COMMANDS_HOLD_PATCH had shipped).
 DELIVERED_DECISIONS_PATCH = "directive-decisions-delivered"
+#: A step waiting for a person waits in the directive, not in a running step workflow
+#: (see HeldDecision), so a long generation can continue as new while it waits.
+PARKED_APPROVALS_PATCH = "directive-approvals-parked"
+#: A stop answers once every step has ended: nothing merges after the answer.
+STOP_WAITS_PATCH = "directive-stop-answers-when-steps-ended"
 
 
 # A spec that does not decode (wrong types, missing fields: `temporal workflow start
@@ -86,6 +92,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._reevaluations: dict[str, int] = {}
         self._decided: set[str] = set()  # decided, not yet reported back by the child
         self._pending: dict[str, PendingApproval] = {}
+        self._held: dict[str, HeldDecision] = {}
         self._user_paused = False
         self._breaker: str | None = None
         self._stop_reason: str | None = None
@@ -99,6 +106,8 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._completing = False
         self._commands_hold = workflow.patched(COMMANDS_HOLD_PATCH)
         self._delivered_decisions = workflow.patched(DELIVERED_DECISIONS_PATCH)
+        self._parks_approvals = workflow.patched(PARKED_APPROVALS_PATCH)
+        self._stop_waits = workflow.patched(STOP_WAITS_PATCH)
         # a carry is only taken from the run this one continues; a start from outside
         # (the `temporal` CLI, any client) must not skip preparing and plan checks
         self._refusal = ""
@@ -154,12 +163,15 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
                     generation=self._generation, current_plan=self._plan_model,
                     current_steps=list(self._steps.values()), previous_steps=self._previous,
                     previous_plan=self._previous_plan, replan_reason=self._replan_reason,
-                    reevaluations=self._reevaluations, goal_update=self._goal_update))
+                    reevaluations=self._reevaluations, goal_update=self._goal_update,
+                    pending_approvals=list(self._pending.values()),
+                    held_decisions=list(self._held.values())))
             return await self._next_generation()
         except asyncio.CancelledError:
             # cancelled from outside (e.g. `temporal workflow cancel`): same as stop
             self._stop_reason = self._stop_reason or "the workflow was cancelled"
             await self._cancel_children()
+            self._cancel_parked()
             self._end(DirectiveStatus.STOPPED, self._stop_reason)
             await self._log.drain()
             raise
@@ -171,8 +183,11 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
             self._check_breakers()
             if self._stop_reason is not None:
                 await self._cancel_children()
+                self._cancel_parked()
                 self._end(DirectiveStatus.STOPPED, self._stop_reason)
                 return
+            if self._parks_approvals:
+                self._act_on_held()
             for name in steps_to_skip(self._plan_model, self._statuses()):
                 self._set_step(name, status=StepStatus.SKIPPED,
                                reason="a dependency can never pass")
@@ -184,19 +199,25 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
             running = any(s.status.is_active for s in self._steps.values())
             if ending and not running and not self._paused:
                 return  # the caller moves to the next generation or fails
-            # a long generation continues as new once no step is running
-            self._checkpoint = not ending and self._history_is_large()
-            if self._checkpoint and not running:
+            # A long generation continues as new once no step workflow runs (a step that
+            # waits for a person waits here, in the carry, when approvals are parked).
+            busy = (bool(self._children) or self._launching > 0) if self._parks_approvals else running
+            may_checkpoint = self._parks_approvals or not ending
+            self._checkpoint = may_checkpoint and self._history_is_large()
+            if self._checkpoint and not busy:
                 return
             if not ending and not self._checkpoint and not self._paused:
                 self._launch_ready()
             self._publish()
             self._changed = False
             self._log.flush()
+            # messages that change nothing (refused signals) still grow the history
+            grows = self._parks_approvals and may_checkpoint and not self._checkpoint
             # a timeout means the wall-time budget ran out: the next turn trips the breaker
             with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(lambda: self._changed,
-                                              timeout=self._wall_time_left())
+                await workflow.wait_condition(
+                    lambda grows=grows: self._changed or (grows and self._history_is_large()),
+                    timeout=self._wall_time_left())
 
     def _history_is_large(self) -> bool:
         info = workflow.info()

@@ -39,11 +39,19 @@ with workflow.unsafe.imports_passed_through():
         StepProgress,
         StepResult,
     )
-    from makima.models import Confidence, Evaluation, StepStatus, Usage
+    from makima.models import (
+        Confidence,
+        Evaluation,
+        PendingApproval,
+        StepStatus,
+        Thresholds,
+        Usage,
+    )
     from makima.policy import (
         Decision,
         confidence_for,
         decide,
+        denial_reason,
         failed_execution_evaluation,
         merge_conflict_evaluation,
     )
@@ -59,6 +67,8 @@ ROUTE_TO_WORKTREE = "route-to-worktree"
 #: So does the merge, which then removes the step's worktrees there itself: no
 #: cleanup activity between a passed step and its dependants.
 MERGE_REMOVES_WORKTREES = "merge-removes-worktrees"
+#: A cancel that arrives while the merge runs waits for the merge's outcome.
+MERGE_RUNS_TO_ITS_END = "step-merge-runs-to-its-end"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -79,6 +89,16 @@ def _cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return str(err) or type(err).__name__
+
+
+def _approved_work(approved: PendingApproval,
+                   thresholds: Thresholds) -> tuple[ExecuteOutput, Evaluation]:
+    """The attempt a person approved, as the merge and the step's result need it."""
+    execution = ExecuteOutput(success=True, branch=approved.branch or "", commit=approved.commit)
+    evaluation = Evaluation(passed=True, score=approved.score,
+                            confidence=confidence_for(approved.score, thresholds),
+                            summary=approved.summary)
+    return execution, evaluation
 
 
 def _trimmed(execution: ExecuteOutput) -> dict[str, Any]:
@@ -103,6 +123,7 @@ class StepWorkflow:
         self._signals: list[Awaitable[None]] = []
         self._worktree_queues: list[str] = []
         self._removed_by_merge = False
+        self._cancel_asked = False  # cancelled while a merge ran (see _merge)
 
     # ------------------------------------------------------------------ messages from the parent
 
@@ -171,55 +192,28 @@ class StepWorkflow:
         checkout = self._input.reevaluate
         evaluation: Evaluation | None = None
         execution: ExecuteOutput | None = None
+        approved = self._input.approved
 
         while True:
             self._attempt = attempt
-            await self._unpaused()
-            self._event(EventType.ATTEMPT_STARTED, f"attempt {attempt}", data={
-                "workflow_id": workflow.info().workflow_id,
-                "rework": rework.model_dump(mode="json") if rework else None,
-                "checkout": checkout,
-            })
-            if attempt > self._input.first_attempt:
-                self._report(StepStatus.RUNNING)
-            try:
-                execution = await (self._checkout(attempt) if checkout else self._execute(attempt, rework))
-            except ActivityError as err:
-                _reraise_if_cancelled(err)
-                self._count_failed_try(err)
-                return self._failed(f"the agent could not run attempt {attempt}: {_cause(err)}",
-                                    "execute_step")
-            checkout = False
-            self._usage += execution.usage
-            self._event(EventType.ATTEMPT_FINISHED,
-                        f"attempt {attempt} {'finished' if execution.success else 'failed'}",
-                        data=_trimmed(execution))
-
-            if execution.success:
-                await self._unpaused()
-                self._report(StepStatus.EVALUATING)
-                try:
-                    evaluation = await self._evaluate(attempt, execution)
-                except ActivityError as err:
-                    _reraise_if_cancelled(err)
-                    self._count_failed_try(err)
-                    # never pass a step whose evaluation could not be made
-                    return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
-                                        "evaluate_step", execution)
-                self._usage += evaluation.usage
+            if approved is not None:
+                # a person approved this attempt while no step workflow ran: merge it
+                execution, evaluation = _approved_work(approved, spec.thresholds)
+                approved = None
+                decision = Decision.PASS
             else:
-                evaluation = failed_execution_evaluation(
-                    execution.exit_code, execution.output_tail, execution.summary
-                )
-            confidence = confidence_for(evaluation.score, spec.thresholds)
-            evaluation = evaluation.model_copy(update={"confidence": confidence})
-            self._event(EventType.EVALUATION, f"{confidence.value} {evaluation.score:.2f}",
-                        data=evaluation.model_dump(mode="json"))
-
-            decision = decide(confidence, spec.autonomy, self._rework_count,
-                              spec.budgets.max_rework_cycles)
+                outcome = await self._run_attempt(attempt, rework, checkout)
+                if isinstance(outcome, StepResult):
+                    return outcome
+                execution, evaluation = outcome
+                checkout = False
+                decision = decide(evaluation.confidence, spec.autonomy, self._rework_count,
+                                  spec.budgets.max_rework_cycles)
             if decision is Decision.AWAIT_APPROVAL:
                 self._report(StepStatus.AWAITING_APPROVAL, evaluation, execution)
+                if self._input.park_for_decision:
+                    # the directive keeps the approval: nothing runs while a person decides
+                    return self._result(StepStatus.AWAITING_APPROVAL, evaluation, execution)
                 self._decision = None
                 self._reevaluate_requested = False
                 self._log.flush()
@@ -232,13 +226,14 @@ class StepWorkflow:
                     continue
                 assert self._decision is not None
                 if not self._decision.approved:
-                    by, comment = self._decision.by, self._decision.comment
                     return self._result(StepStatus.BLOCKED, evaluation, execution, reason=(
-                        f"denied by {by}" + (f": {comment}" if comment else "")))
+                        denial_reason(self._decision.by, self._decision.comment)))
                 decision = Decision.PASS
 
             if decision is Decision.PASS:
                 merge = await self._merge(attempt, execution)
+                if self._cancel_asked and not (merge and merge.merged):
+                    raise asyncio.CancelledError("cancelled while merging")
                 if merge is None:
                     return self._failed("merging the step's branch failed", "merge_step", execution)
                 if merge.merged:
@@ -267,6 +262,52 @@ class StepWorkflow:
             return self._result(StepStatus.BLOCKED, evaluation, execution, reason=(
                 f"rework budget spent ({self._rework_count} of {spec.budgets.max_rework_cycles} cycles); "
                 f"last evaluation: {evaluation.summary}"[: c.MAX_TEXT_IN_HISTORY]))
+
+    async def _run_attempt(self, attempt: int, rework: ReworkContext | None,
+                           checkout: bool) -> tuple[ExecuteOutput, Evaluation] | StepResult:
+        """Execute (or check out) and evaluate one attempt; a StepResult when it failed."""
+        spec = self._input.spec
+        await self._unpaused()
+        self._event(EventType.ATTEMPT_STARTED, f"attempt {attempt}", data={
+            "workflow_id": workflow.info().workflow_id,
+            "rework": rework.model_dump(mode="json") if rework else None,
+            "checkout": checkout,
+        })
+        if attempt > self._input.first_attempt:
+            self._report(StepStatus.RUNNING)
+        try:
+            execution = await (self._checkout(attempt) if checkout else self._execute(attempt, rework))
+        except ActivityError as err:
+            _reraise_if_cancelled(err)
+            self._count_failed_try(err)
+            return self._failed(f"the agent could not run attempt {attempt}: {_cause(err)}",
+                                "execute_step")
+        self._usage += execution.usage
+        self._event(EventType.ATTEMPT_FINISHED,
+                    f"attempt {attempt} {'finished' if execution.success else 'failed'}",
+                    data=_trimmed(execution))
+
+        if execution.success:
+            await self._unpaused()
+            self._report(StepStatus.EVALUATING)
+            try:
+                evaluation = await self._evaluate(attempt, execution)
+            except ActivityError as err:
+                _reraise_if_cancelled(err)
+                self._count_failed_try(err)
+                # never pass a step whose evaluation could not be made
+                return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
+                                    "evaluate_step", execution)
+            self._usage += evaluation.usage
+        else:
+            evaluation = failed_execution_evaluation(
+                execution.exit_code, execution.output_tail, execution.summary
+            )
+        confidence = confidence_for(evaluation.score, spec.thresholds)
+        evaluation = evaluation.model_copy(update={"confidence": confidence})
+        self._event(EventType.EVALUATION, f"{confidence.value} {evaluation.score:.2f}",
+                    data=evaluation.model_dump(mode="json"))
+        return execution, evaluation
 
     # ------------------------------------------------------------------ activities
 
@@ -354,6 +395,8 @@ class StepWorkflow:
                     return None
                 # that worker is gone, and its folders with it: merge anywhere
                 self._worktree_queues.remove(queue)
+                if self._cancel_asked:
+                    return None  # cancelled meanwhile: no new merge
             else:
                 if merge.removed_worktrees:
                     self._worktree_queues.remove(queue)
@@ -370,7 +413,8 @@ class StepWorkflow:
         """The merge, on the worker holding the attempt's worktree (`queue`, which
         removes them once merged) or on any worker (None)."""
         i = self._input
-        return await workflow.execute_activity(
+        runs_to_its_end = workflow.patched(MERGE_RUNS_TO_ITS_END)
+        merging = workflow.start_activity(
             ActivityName.MERGE_STEP.value,
             MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
                        integration_branch=i.integration_branch, step=i.step.name,
@@ -384,6 +428,16 @@ class StepWorkflow:
             retry_policy=c.GIT_RETRY_POLICY,
             summary=f"{i.step.name}: merge",
         )
+        if not runs_to_its_end:
+            return await merging
+        try:
+            return await asyncio.shield(merging)
+        except asyncio.CancelledError:
+            # A stop (or a cancel from outside) while the merge runs: the merge is not
+            # cut off half-way. Its outcome is the step's, and the cancel holds for
+            # everything after it (the directive answers a stop once its steps ended).
+            self._cancel_asked = True
+            return await merging
 
     def _merge_failed(self, err: ActivityError) -> None:
         self._event(EventType.ACTIVITY_FAILED, _cause(err), severity=Severity.ERROR,
