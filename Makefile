@@ -38,7 +38,8 @@ fault-tools:
 
 # Crashes, outages and runaway agents against real processes (a few minutes).
 test-faults: $(STAMP) sandbox-tools fault-tools
-	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py tests/test_many_workers.py
+	$(BIN)/pytest -m faults tests/test_faults.py tests/test_routing.py tests/test_many_workers.py \
+	  tests/test_payload_sizes.py
 
 # The interleaving fuzzer at length: thousands of random directives steered by random
 # commands (make test runs 80 of them). A failure prints MAKIMA_FUZZ_SEED=...

@@ -219,9 +219,24 @@ class SandboxSettings(Model):
     env: list[str] = Field(default_factory=list)
 
 
+#: The goal, and the requirements, acceptance criteria and constraints together, each
+#: fit in this many characters: every step and activity input carries them (the agent
+#: and the judge read them), and Temporal refuses a payload over 2 MB.
+MAX_SPEC_TEXT = 100_000
+
+
+def _lists_fit(**lists: list[str] | None) -> None:
+    total = sum(len(item) for items in lists.values() for item in items or [])
+    if total > MAX_SPEC_TEXT:
+        names = ", ".join(name for name, items in lists.items() if items)
+        raise ValueError(f"{names} hold {total:,} characters together; at most "
+                         f"{MAX_SPEC_TEXT:,} fit (put long material in the repository and "
+                         "name the files)")
+
+
 class DirectiveSpec(Model):
     title: str = Field(min_length=1, max_length=200)
-    goal: str = Field(min_length=1, max_length=100_000)
+    goal: str = Field(min_length=1, max_length=MAX_SPEC_TEXT)
     requirements: list[str] = Field(default_factory=list)
     acceptance_criteria: list[str] = Field(default_factory=list)
     constraints: list[str] = Field(default_factory=list)
@@ -251,6 +266,12 @@ class DirectiveSpec(Model):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @model_validator(mode="after")
+    def _text_fits(self) -> DirectiveSpec:
+        _lists_fit(requirements=self.requirements, acceptance_criteria=self.acceptance_criteria,
+                   constraints=self.constraints)
+        return self
 
     @property
     def effective_planner(self) -> PlannerKind:
@@ -408,7 +429,7 @@ class DirectiveCarry(Model):
     event_seq: int = 0
     #: Every step of the generation that just ended; the passed ones are kept.
     previous_steps: list[StepState] = Field(default_factory=list)
-    previous_plan: Plan | None = None
+    previous_plan: Plan | None = None  # no longer written (nothing read it); older carries
     replan_reason: str = ""
     user_plan: Plan | None = None  # a plan supplied with update_goal for this generation
     breaker: str | None = None
@@ -450,10 +471,15 @@ class StopRequest(Model):
 
 
 class GoalUpdate(Model):
-    goal: str = Field(min_length=1, max_length=100_000)
+    goal: str = Field(min_length=1, max_length=MAX_SPEC_TEXT)
     requirements: list[str] | None = None
     acceptance_criteria: list[str] | None = None
     plan: Plan | None = None
+
+    @model_validator(mode="after")
+    def _text_fits(self) -> GoalUpdate:
+        _lists_fit(requirements=self.requirements, acceptance_criteria=self.acceptance_criteria)
+        return self
 
 
 class StepRef(Model):

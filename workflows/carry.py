@@ -40,7 +40,6 @@ class DirectiveCarrying:
         self._replans = carry.replans
         self._failed_steps = carry.failed_steps
         self._previous = carry.previous_steps
-        self._previous_plan = carry.previous_plan
         self._replan_reason = carry.replan_reason
         self._user_plan = carry.user_plan if spec.carry else spec.plan
         self._breaker = carry.breaker
@@ -87,7 +86,7 @@ class DirectiveCarrying:
             replans = self._replans  # a person's change of goal is not a failure
         return await self._continue(spec, self._carry(
             generation=self._generation + 1, replans=replans, goal_update=None,
-            previous_steps=list(self._steps.values()), previous_plan=self._plan_model,
+            previous_steps=list(self._steps.values()),
             replan_reason=reason[: c.MAX_TEXT_IN_HISTORY], user_plan=user_plan,
             pending_approvals=[], held_decisions=[]))
 

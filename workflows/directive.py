@@ -159,10 +159,11 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
                 if await self._settled():
                     break
             if self._checkpoint:
+                # the generation's plan and steps, once: the previous generation's were only
+                # needed to plan this one
                 return await self._continue(self._spec, self._carry(
                     generation=self._generation, current_plan=self._plan_model,
-                    current_steps=list(self._steps.values()), previous_steps=self._previous,
-                    previous_plan=self._previous_plan, replan_reason=self._replan_reason,
+                    current_steps=list(self._steps.values()), replan_reason=self._replan_reason,
                     reevaluations=self._reevaluations, goal_update=self._goal_update,
                     pending_approvals=list(self._pending.values()),
                     held_decisions=list(self._held.values())))
