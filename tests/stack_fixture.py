@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,6 +30,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_outside_ephemeral_range() -> int:
+    """A free port that no outgoing connection is given as its source port. A worker
+    that keeps connecting to a port nobody listens on yet can, inside the ephemeral
+    range, connect to itself (TCP simultaneous open) and so hold the port the server
+    then fails to bind ("address already in use": seen in a fault run)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(low - 8000, 1024), low), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 def _port_open(port: int) -> bool:

@@ -48,7 +48,12 @@ from makima.store.pool import create_pool
 from makima.store.reads import directive_state, snapshot_differences
 from tests.fakes.repos import IDENTITY, make_repo, set_identity
 from tests.messages_server import MessagesServer, ReceivedRequest, Reply, error_reply, tool_reply
-from tests.stack_fixture import DevServer, WorkerProcess, free_port
+from tests.stack_fixture import (
+    DevServer,
+    WorkerProcess,
+    free_port,
+    free_port_outside_ephemeral_range,
+)
 from workflows.directive import DirectiveWorkflow
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -384,7 +389,9 @@ async def test_worker_killed_between_steps_starts_no_child_twice(
 
 async def test_a_worker_started_before_its_temporal_server_waits_for_it(
         stack: Stack, repo: Path, tmp_path: Path, workers_of: Any) -> None:
-    server = DevServer(tmp_path / "late-temporal")  # its port: nobody listens there yet
+    # its port: nobody listens there yet (and outside the range the worker's own
+    # connection attempts take source ports from)
+    server = DevServer(tmp_path / "late-temporal", port=free_port_outside_ephemeral_range())
     workers = workers_of(stack, TEMPORAL_ADDRESS=server.address)
     worker = workers.start()
     try:
