@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -210,15 +211,16 @@ async def cmd_start(args: Any) -> int:
         return EXIT_OK
     if not args.json:
         print(f"started {handle.id}  ({ui_link(handle.id)})", flush=True)
+    # Ctrl-C ends following at once, even inside a status query that is slow to answer
+    # (seen in full test runs: a cancelled query kept `--wait` alive for over 30 s);
+    # following only reads, so there is nothing to finish first.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGINT, _stop_following_now, handle.id)
     try:
         final = await follow_directive(client, handle.id, show=not args.json,
                                        on_snapshot=_bell_when_waiting(args.json))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print(f"\nstopped following; directive {handle.id} keeps running.\n"
-              f"  follow it:  makima events {handle.id} --follow\n"
-              f"  status:     makima status {handle.id}\n"
-              f"  stop it:    makima stop {handle.id}", file=sys.stderr, flush=True)
-        raise CommandError(130, "") from None
+        _stop_following_now(handle.id)
     if args.json:
         emit_json(final)
     elif any(s.status is StepStatus.PASSED for s in final.steps):  # work to look at
@@ -226,6 +228,15 @@ async def cmd_start(args: Any) -> int:
               f"  review: git -C {spec.repository.location} diff "
               f"{spec.repository.base_branch}...{final.integration_branch} --stat")
     return EXIT_OK if final.status is DirectiveStatus.COMPLETED else EXIT_REFUSED
+
+
+def _stop_following_now(directive_id: str) -> None:
+    print(f"\nstopped following; directive {directive_id} keeps running.\n"
+          f"  follow it:  makima events {directive_id} --follow\n"
+          f"  status:     makima status {directive_id}\n"
+          f"  stop it:    makima stop {directive_id}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _bell_when_waiting(quiet: bool) -> OnSnapshot:
