@@ -100,6 +100,7 @@ from makima.models import (
     Plan,
     PlannedStep,
     StepRef,
+    StepStatus,
     StopRequest,
 )
 from tests.stack_fixture import DevServer
@@ -349,15 +350,31 @@ class Fuzz:
             await asyncio.sleep(POLL_SECONDS)
 
     async def _pending_work(self, snap: DirectiveSnapshot) -> str:
-        """What the active steps' workflows wait on, for a failure message."""
+        """Which step holds the directive up and why, for a failure message: an active
+        step whose workflow has ended (the directive lost its end), or what its running
+        workflow waits on."""
         lines = []
         for step in snap.steps:
-            if step.status.is_active and step.workflow_id:
-                described = await self.client.get_workflow_handle(step.workflow_id).describe()
-                pending = [(a.activity_type.name, a.attempt, a.state, a.last_failure.message)
-                           for a in described.raw_description.pending_activities]
-                lines.append(f"{step.workflow_id}: {described.status} {pending}")
-        return "; ".join(lines)
+            if not step.status.is_active:
+                continue
+            if step.status is StepStatus.AWAITING_APPROVAL and snap.pending_approvals:
+                lines.append(f"step {step.name} waits for a person")
+                continue
+            if not step.workflow_id:
+                lines.append(f"step {step.name} is {step.status.value} with no workflow")
+                continue
+            described = await self.client.get_workflow_handle(step.workflow_id).describe()
+            state = described.status.name if described.status else "?"
+            if described.close_time is not None:
+                lines.append(f"step {step.name} is {step.status.value} in the directive, but "
+                             f"its workflow {step.workflow_id} ended {state}: the directive "
+                             "lost its end")
+                continue
+            pending = [(a.activity_type.name, a.attempt, a.state, a.last_failure.message)
+                       for a in described.raw_description.pending_activities]
+            lines.append(f"step {step.name} is {step.status.value}; its workflow "
+                         f"{step.workflow_id} is {state}, waiting on activities {pending}")
+        return "; ".join(lines) or "no step is active"
 
     @staticmethod
     async def replay(runs: list[Any], children: list[Any]) -> dict[str, Exception]:

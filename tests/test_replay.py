@@ -33,7 +33,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 # routed to the worktree's worker (tests/test_routing.py); v1 before
                 # the merge removed the worktrees itself
                 "routed", "routed-v1", "checkpoint-approve", "checkpoint-deny",
-                "stop-during-merge"}
+                "stop-during-merge", "step-terminated-while-starting",
+                # the fuzzer's (seed 468784) directive that lost a step at a pause, on the
+                # code before the patch 'directive-no-step-without-a-run'
+                "fuzz-468784"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}
@@ -55,6 +58,8 @@ def load(path: Path) -> dict:
 async def test_recorded_history_replays(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if path.name.startswith(("checkpoint-", "messages-")):  # recorded with a low threshold
         monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
+    if path.name.startswith("fuzz-"):  # the fuzzer's threshold (tests/test_fuzz_commands.py)
+        monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 80)
     fixture = load(path)
     history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
     replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],

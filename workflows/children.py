@@ -61,6 +61,7 @@ class DirectiveChildren:
         self._set_step(name, status=StepStatus.EVALUATING if reevaluate else StepStatus.RUNNING,
                        attempts=max(state.attempts, attempts), workflow_id=wf_id, reason="")
         self._launching += 1
+        self._starting.add(name)
         asyncio.create_task(self._child(name, wf_id, step_input))
 
     async def _child(self, name: str, wf_id: str, step_input: StepInput) -> None:
@@ -76,12 +77,16 @@ class DirectiveChildren:
                 )
             finally:
                 self._launching -= 1
+                self._starting.discard(name)
             self._children[name] = handle
             if self._cancelling and self._commands_hold:
                 # the stop was accepted while this child was being started
                 await self._cancel_child(handle.id)
             elif self._paused != step_input.paused:  # changed while the child was starting
-                await handle.signal("set_paused", PauseState(paused=self._paused))
+                if self._keeps_every_step:
+                    await self._tell_paused(handle, self._paused)
+                else:  # a run begun on older code: a failed signal left the step running
+                    await handle.signal("set_paused", PauseState(paused=self._paused))
             self._on_result(await handle)
         except WorkflowAlreadyStartedError:  # ids are unique per run; say so if not
             self._failed_steps += 1
@@ -107,6 +112,30 @@ class DirectiveChildren:
                 self._decided.discard(name)
                 self._held.pop(name, None)
             self._changed = True
+
+    @staticmethod
+    async def _tell_paused(handle: workflow.ChildWorkflowHandle[Any, StepResult],
+                           paused: bool) -> None:
+        """Tell a step's run whether the directive is paused. A run that has ended
+        meanwhile (cancelled or terminated from outside) cannot be told; its end reaches
+        the directive as the child's result, so the refused signal is only logged."""
+        try:
+            await handle.signal("set_paused", PauseState(paused=paused))
+        except Exception as err:  # e.g. "external workflow not found": it has ended
+            workflow.logger.info("could not tell %s paused=%s: %s", handle.id, paused, err)
+
+    def _end_orphans(self) -> None:
+        """A step the directive holds as active has a run that is starting or running, or
+        (parked) waits here for a person. One that has neither (its run's end was lost,
+        or an older run carried it so) fails, so the generation ends and re-plans
+        instead of waiting for it forever."""
+        for name, state in list(self._steps.items()):
+            if (state.status.is_active and name not in self._children
+                    and name not in self._starting and not self._parked(name)):
+                self._failed_steps += 1
+                self._set_step(name, status=StepStatus.FAILED,
+                               reason=f"its workflow {state.workflow_id} ended without a "
+                                      f"result while the step was {state.status.value}")
 
     # ------------------------------------------------------------------ steps that wait for a person
 

@@ -30,7 +30,6 @@ with workflow.unsafe.imports_passed_through():
         CompleteInput,
         CompleteOutput,
         EventType,
-        PauseState,
         Severity,
         StepResult,
     )
@@ -67,6 +66,10 @@ DELIVERED_DECISIONS_PATCH = "directive-decisions-delivered"
 PARKED_APPROVALS_PATCH = "directive-approvals-parked"
 #: A stop answers once every step has ended: nothing merges after the answer.
 STOP_WAITS_PATCH = "directive-stop-answers-when-steps-ended"
+#: No step is left active without a run: a step whose run ended before the directive
+#: could tell it of a pause (a refused signal) still ends, and a step held as active
+#: with no run fails (fuzz seed 468784: it hung the directive, across a checkpoint).
+KEEPS_EVERY_STEP_PATCH = "directive-no-step-without-a-run"
 
 
 # A spec that does not decode (wrong types, missing fields: `temporal workflow start
@@ -100,6 +103,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._changed = False
         self._checkpoint = False
         self._launching = 0
+        self._starting: set[str] = set()  # steps whose child is being started
         self._last_status: DirectiveStatus | None = None
         self._last_visible = ""
         self._cancelling = False
@@ -108,6 +112,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._delivered_decisions = workflow.patched(DELIVERED_DECISIONS_PATCH)
         self._parks_approvals = workflow.patched(PARKED_APPROVALS_PATCH)
         self._stop_waits = workflow.patched(STOP_WAITS_PATCH)
+        self._keeps_every_step = workflow.patched(KEEPS_EVERY_STEP_PATCH)
         # a carry is only taken from the run this one continues; a start from outside
         # (the `temporal` CLI, any client) must not skip preparing and plan checks
         self._refusal = ""
@@ -189,6 +194,8 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
                 return
             if self._parks_approvals:
                 self._act_on_held()
+            if self._keeps_every_step:
+                self._end_orphans()
             for name in steps_to_skip(self._plan_model, self._statuses()):
                 self._set_step(name, status=StepStatus.SKIPPED,
                                reason="a dependency can never pass")
@@ -326,7 +333,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
 
     def _relay_pause(self) -> None:
         for handle in self._children.values():
-            asyncio.create_task(handle.signal("set_paused", PauseState(paused=self._paused)))
+            asyncio.create_task(self._tell_paused(handle, self._paused))
         self._changed = True
 
     def _end(self, status: DirectiveStatus, reason: str) -> None:
