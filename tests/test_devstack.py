@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from makima.store.embedded import _pid_alive
+from makima.devstack import DevStack, free_port
+from makima.store.embedded import _pid_alive, running_embedded, stop_embedded
 from tests.devstack_fixture import (  # noqa: F401
+    ROOT,
+    STARTER,
     RunningDev,
     dev_env,
     dev_stack,
@@ -60,6 +66,47 @@ def test_dev_stops_everything_on_sigterm() -> None:
         assert not any(_pid_alive(pid) for pid in pids.values())
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_dev_names_the_cause_when_the_temporal_server_cannot_bind() -> None:
+    """A taken port stops the dev server; `dev` says so and names the port."""
+    home = Path(tempfile.mkdtemp(prefix="mk-bind-"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen(1)
+        ui_port = taken.getsockname()[1]
+        try:
+            done = subprocess.run(
+                [sys.executable, str(STARTER), "dev", "--port", str(free_port()),
+                 "--ui-port", str(ui_port), "--console-port", str(free_port())],
+                env=dev_env(home), cwd=ROOT, capture_output=True, text=True, timeout=120)
+            left = running_embedded(home)
+        finally:
+            if (pid := running_embedded(home)) is not None:
+                stop_embedded(pid)
+            shutil.rmtree(home, ignore_errors=True)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert "the Temporal dev server exited" in said, said
+    assert re.search(rf"{ui_port}: bind: address already in use", said), said
+    assert left is None, "the Postgres it started for this stack was left running"
+
+
+def test_a_dev_server_panic_is_reported_from_its_cause(tmp_path: Path) -> None:
+    """When a port is taken only after the CLI checked it (a race with any other
+    process), the dev server panics; the error shows the panic's first line, which
+    names the cause, not the last lines of its Go stack."""
+    log = tmp_path / "temporal.log"
+    log.write_text("panic: an earlier start's panic\n")
+    stack = DevStack(home=tmp_path)
+    with log.open("a") as out:
+        stack._log_start = out.tell()
+        out.write("time=... level=INFO msg=starting\n"
+                  "panic: listen tcp 127.0.0.1:41234: bind: address already in use\n\n"
+                  + "goroutine 1 [running]:\n\tserver.go:130 +0x1b9\n" * 200)
+    said = stack._temporal_log_tail()
+    assert said.startswith("panic: listen tcp 127.0.0.1:41234: bind: address already in use")
+    assert len(said) <= 1500
 
 
 def test_demo_completes_with_a_rework_and_an_approval(dev_stack: RunningDev,

@@ -51,8 +51,8 @@ from tests.messages_server import MessagesServer, ReceivedRequest, Reply, error_
 from tests.stack_fixture import (
     DevServer,
     WorkerProcess,
+    ephemeral_port,
     free_port,
-    free_port_outside_ephemeral_range,
 )
 from workflows.directive import DirectiveWorkflow
 
@@ -391,7 +391,7 @@ async def test_a_worker_started_before_its_temporal_server_waits_for_it(
         stack: Stack, repo: Path, tmp_path: Path, workers_of: Any) -> None:
     # its port: nobody listens there yet (and outside the range the worker's own
     # connection attempts take source ports from)
-    server = DevServer(tmp_path / "late-temporal", port=free_port_outside_ephemeral_range())
+    server = DevServer(tmp_path / "late-temporal", port=free_port())
     workers = workers_of(stack, TEMPORAL_ADDRESS=server.address)
     worker = workers.start()
     try:
@@ -417,7 +417,7 @@ async def test_a_worker_started_before_its_temporal_server_waits_for_it(
 
 async def test_a_worker_gives_up_on_a_temporal_server_that_never_answers(
         stack: Stack, workers_of: Any) -> None:
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{ephemeral_port()}"
     workers = workers_of(stack, TEMPORAL_ADDRESS=address, MAKIMA_TEMPORAL_WAIT_SECONDS="3")
     worker = workers.start()
     assert worker.process is not None

@@ -24,6 +24,7 @@ from makima.connection import task_queue
 from makima.devstack import (
     DevStack,
     DevStackError,
+    free_port,
     has_workflow_pollers,
     try_connect,
     ui_url_for,
@@ -75,20 +76,12 @@ class YellowApprover:
             self.approved.append(pending.step)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _stack(port: int | None, ui_port: int | None) -> DevStack:
     """The demo's own stack on free ports, unless TEMPORAL_ADDRESS names a server
     (then that one, so the demo never lands on whatever answers on :7233)."""
     address = os.environ.get("TEMPORAL_ADDRESS", "").strip()
     if not address:
-        port, ui_port = port or _free_port(), ui_port or _free_port()
+        port, ui_port = port or free_port(), ui_port or free_port()
         print(f"demo: starting its own embedded stack (Temporal dev server on :{port}, its UI "
               f"on :{ui_port}, Postgres, a worker); set TEMPORAL_ADDRESS to use a running "
               "server", flush=True)
