@@ -47,7 +47,8 @@ class StepStatus(StrEnum):
 
     @property
     def is_active(self) -> bool:
-        """Running in a child workflow right now (its work may still change)."""
+        """Being worked on or waiting for a person: its work may still change (a step
+        waiting for approval may have no workflow running, see HeldDecision)."""
         return self in ACTIVE_STEP_STATUSES
 
 

@@ -93,7 +93,10 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._progress_seq: dict[str, int] = {}
         self._run_cost: dict[str, float] = {}  # per step: spend reported by its current run
         self._reevaluations: dict[str, int] = {}
-        self._decided: set[str] = set()  # decided, not yet reported back by the child
+        # steps a person approved or denied whose decision is not yet acted on: held
+        # here until its run merges (or the deny blocks it), or relayed to a waiting child
+        # until it reports back; a second decision or a re-evaluation is refused meanwhile
+        self._decided: set[str] = set()
         self._pending: dict[str, PendingApproval] = {}
         self._held: dict[str, HeldDecision] = {}
         self._user_paused = False
