@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 from temporalio import activity
 
+from activities.heartbeat import Heartbeat
 from makima.errors import MakimaError
 from makima.models import Usage
 
@@ -64,6 +65,6 @@ def every_try_billed() -> Iterator[Usage]:
         total = earlier
         if isinstance(exc, MakimaError):
             total = exc.usage = earlier + (exc.usage or Usage())
-        if activity.in_activity() and total != Usage():
-            activity.heartbeat(usage_detail(total))
+        if total != Usage():
+            Heartbeat(lambda: [usage_detail(total)]).beat()
         raise
