@@ -11,6 +11,8 @@ status JSON, the step graph, the list view of the plain `temporal` CLI.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +22,15 @@ import pytest
 import yaml
 
 from starter import build_parser
-from tests.devstack_fixture import RunningDev, cli, dev_stack, git, sample_repo  # noqa: F401
+from tests.devstack_fixture import (  # noqa: F401
+    ROOT,
+    STARTER,
+    RunningDev,
+    cli,
+    dev_stack,
+    git,
+    sample_repo,
+)
 
 
 def write_spec(folder: Path, repo: Path, steps: list[dict[str, Any]], **extra: Any) -> Path:
@@ -156,6 +166,33 @@ def test_stop_cancels_a_running_directive(dev_stack: RunningDev, cli, sample_rep
     assert final["steps"][0]["status"] == "cancelled"
     code, _, err = cli("stop", directive_id, capsys=capsys)
     assert code == 1 and "rejected" in err
+
+
+def test_a_command_the_directive_ends_before_taking_is_refused_with_that_reason(
+        dev_stack: RunningDev) -> None:
+    """A command that reaches a directive as it ends is not taken: the server aborts
+    it ("aborted by closing workflow", NOT_FOUND), and `pause` must say the
+    directive ended, not that no directive has that id. The run here has no worker,
+    so the command waits until the directive is terminated under it."""
+    directive_id = new_id()
+    dev_stack.temporal("workflow", "start", "--type", "DirectiveWorkflow", "--task-queue",
+                       f"nobody-polls-{directive_id}", "--workflow-id", directive_id)
+    pausing = subprocess.Popen([sys.executable, str(STARTER), "pause", directive_id],
+                               env=dev_stack.env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # the update is admitted and waits for a workflow task
+        assert pausing.poll() is None, pausing.communicate()
+        dev_stack.temporal("workflow", "terminate", "--workflow-id", directive_id,
+                           "--reason", "ended under the command")
+        out, err = pausing.communicate(timeout=60)
+    finally:
+        if pausing.poll() is None:
+            pausing.kill()
+            pausing.wait()
+    assert pausing.returncode == 1, out + err
+    assert f"rejected: directive {directive_id} ended (terminated) before it took the " \
+           "command" in err + out, out + err
 
 
 def test_a_bad_spec_is_refused_with_every_problem(dev_stack: RunningDev, tmp_path: Path) -> None:

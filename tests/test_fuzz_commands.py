@@ -80,6 +80,7 @@ import pytest
 from temporalio.api.enums.v1 import WorkflowTaskFailedCause
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
@@ -90,6 +91,7 @@ from temporalio.service import RPCError
 from temporalio.worker import Replayer, Worker
 
 import makima.constants
+from makima.cli.commands import UPDATE_ABORTED_BY_CLOSE
 from makima.contracts import EventType, PlanInput
 from makima.models import (
     ApprovalDecision,
@@ -247,6 +249,12 @@ class Fuzz:
                 outcome.notes.append(f"refused {update.__name__}: {err.cause}")
                 return False
             except (WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+                if (isinstance(err, RPCError) and UPDATE_ABORTED_BY_CLOSE in err.message
+                        and (await handle.describe()).status
+                        is not WorkflowExecutionStatus.RUNNING):
+                    # the directive ended before it took the command: not accepted
+                    outcome.notes.append(f"refused {update.__name__}: {err}")
+                    return False
                 outcome.notes.append(f"{update.__name__} sent again after: {err}")
         raise AssertionError(f"{update.__name__} never got an answer: {outcome.notes[-1]}")
 

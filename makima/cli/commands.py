@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
@@ -365,23 +366,46 @@ async def cmd_dag(args: Any) -> int:
 # --------------------------------------------------------------------------- steering
 
 
+#: What the server answers (NOT_FOUND) when the run that admitted an update closed
+#: before the workflow took it: the directive ended, or its run continued as new.
+UPDATE_ABORTED_BY_CLOSE = "aborted by closing workflow"
+
+
 async def send_update(client: Client, directive_id: str, update: str,
                       payload: BaseModel | None) -> UpdateAnswer:
+    """Send a command and return the directive's answer. Sent again, under the same
+    update id, while the run it reached closed for a continue-as-new before taking it;
+    refused with that reason once the directive itself has ended."""
     handle = client.get_workflow_handle(directive_id)
-    try:
-        args = [payload] if payload is not None else []
-        return await handle.execute_update(update, args=args, result_type=UpdateAnswer)
-    except WorkflowUpdateFailedError as error:
-        cause = error.cause
-        message = getattr(cause, "message", None) or str(cause or error)
-        raise CommandError(EXIT_REFUSED, f"rejected: {message}") from None
-    except RPCError as error:
-        if error.status is RPCStatusCode.NOT_FOUND:
-            if "already completed" in str(error).lower() or "completed" in error.message.lower():
-                raise CommandError(EXIT_REFUSED, f"rejected: directive {directive_id} has "
-                                                 "already ended") from None
-            raise CommandError(EXIT_BAD_INPUT, f"no directive with id {directive_id!r}") from None
-        raise CommandError(EXIT_REFUSED, f"rejected: {error.message}") from None
+    args = [payload] if payload is not None else []
+    update_id = str(uuid.uuid4())
+    for _ in range(5):
+        try:
+            return await handle.execute_update(update, args=args, id=update_id,
+                                               result_type=UpdateAnswer)
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            message = getattr(cause, "message", None) or str(cause or error)
+            raise CommandError(EXIT_REFUSED, f"rejected: {message}") from None
+        except RPCError as error:
+            if UPDATE_ABORTED_BY_CLOSE not in error.message:
+                _refuse_for(error, directive_id)
+            status = (await handle.describe()).status
+            if status is not WorkflowExecutionStatus.RUNNING:
+                raise CommandError(EXIT_REFUSED, (
+                    f"rejected: directive {directive_id} ended ({status.name.lower()}) "
+                    "before it took the command")) from None
+    raise CommandError(EXIT_REFUSED, f"rejected: directive {directive_id} kept closing its "
+                                     "run before it took the command; send it again")
+
+
+def _refuse_for(error: RPCError, directive_id: str) -> None:
+    if error.status is RPCStatusCode.NOT_FOUND:
+        if "already completed" in str(error).lower() or "completed" in error.message.lower():
+            raise CommandError(EXIT_REFUSED, f"rejected: directive {directive_id} has "
+                                             "already ended") from None
+        raise CommandError(EXIT_BAD_INPUT, f"no directive with id {directive_id!r}") from None
+    raise CommandError(EXIT_REFUSED, f"rejected: {error.message}") from None
 
 
 async def _steer(args: Any, update: str, payload: BaseModel | None) -> int:
