@@ -337,6 +337,9 @@ class StepResult(Model):
     branch: str = ""
     commit: str | None = None
     usage: Usage = Field(default_factory=Usage)  # the step run's whole spend
+    #: The step's events not yet written when it returned: its directive records
+    #: them (the step does not wait for Postgres on the way to its dependants).
+    unrecorded: list[Event] = Field(default_factory=list)
 
 
 class StepProgress(Model):

@@ -113,6 +113,10 @@ class StandIns:
     overlaps: set[frozenset[str]] = field(default_factory=set)
     #: While set, batches of events the directive itself records wait (its drain is held).
     hold_directive_records: bool = False
+    #: While set, batches a step workflow sends itself wait.
+    hold_step_records: bool = False
+    #: (the workflow id of the record_events call, the event), in the order written.
+    recorded_by: list[tuple[str, Event]] = field(default_factory=list)
     plan_cost: float = 0.01
     evaluate_cost: float = 0.0
     #: Per step name: seconds its execute takes (heartbeating), for timing-controlled tests.
@@ -299,10 +303,14 @@ class StandIns:
 
         @activity.defn(name=ActivityName.RECORD_EVENTS.value)
         async def record_events(input: RecordInput) -> RecordOutput:
-            while s.hold_directive_records and input.events[0].source == input.events[0].directive_id:
+            sender = activity.info().workflow_id
+            while ((s.hold_directive_records
+                    and input.events[0].source == input.events[0].directive_id)
+                   or (s.hold_step_records and sender != input.events[0].directive_id)):
                 activity.heartbeat("held")
                 await asyncio.sleep(0.05)
             s.events.extend(input.events)
+            s.recorded_by.extend((sender, e) for e in input.events)
             return RecordOutput(written=len(input.events))
 
         return [prepare_repository, plan_directive, execute_step, checkout_step, evaluate_step,

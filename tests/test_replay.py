@@ -31,8 +31,9 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "checkpoint", "messages", "messages-v1", "signal-with-start", "stop-at-generation-end",
                 "step-cancelled-outside", "stop-after-a-paused-attempt", "timed-out-tries",
                 # routed to the worktree's worker (tests/test_routing.py); v1 before
-                # the merge removed the worktrees itself
-                "routed", "routed-v1", "checkpoint-approve", "checkpoint-deny",
+                # the merge removed the worktrees itself, v2 before the directive
+                # recorded a step's last events
+                "routed", "routed-v1", "routed-v2", "checkpoint-approve", "checkpoint-deny",
                 "stop-during-merge", "step-terminated-while-starting",
                 # the fuzzer's (seed 468784) directive that lost a step at a pause, on the
                 # code before the patch 'directive-no-step-without-a-run'

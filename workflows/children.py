@@ -173,6 +173,7 @@ class DirectiveChildren:
             self._set_step(name, status=StepStatus.CANCELLED,
                            reason="the directive stopped while the step waited for a decision")
     def _on_result(self, result: StepResult) -> None:
+        self._log.forward(result.unrecorded)  # written with the next batch
         state = self._steps[result.name]
         # what the run spent that its progress reports did not carry
         extra = max(0.0, round(result.usage.cost_usd - self._run_cost.get(result.name, 0.0), 6))

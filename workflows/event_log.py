@@ -3,7 +3,11 @@ them to the `record_events` activity without making the orchestration wait.
 
 Events added between two awaits go out together in one activity (one round
 trip to Postgres); the workflow only waits for them before it returns or
-continues as new, so recording never sits on the path from one step to the next.
+continues as new. A step does not even wait then: it hands what is not yet
+written to its directive (`hand_over`, `forward`), which records it with its own
+next batch, after the dependants started; so recording never sits on the path
+from one step to the next. Writes are idempotent by `(source, seq)`: a batch
+written twice (an abandoned activity that ran after all) is written once.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class EventLog:
         self.seq = last_seq
         self.recent: deque[EventSummary] = deque(maxlen=RECENT_EVENTS)
         self._buffer: list[Event] = []
-        self._in_flight: list[asyncio.Future[RecordOutput]] = []
+        self._in_flight: list[tuple[asyncio.Future[RecordOutput], list[Event]]] = []
 
     def add(
         self,
@@ -65,16 +69,30 @@ class EventLog:
     @property
     def idle(self) -> bool:
         """Nothing buffered and nothing being written."""
-        return not self._buffer and all(f.done() for f in self._in_flight)
+        return not self._buffer and all(f.done() for f, _ in self._in_flight)
+
+    def forward(self, events: list[Event]) -> None:
+        """Record another workflow's events (a finished step's `hand_over`) with the
+        next batch; they keep their source and seq."""
+        self._buffer.extend(events)
+
+    def hand_over(self) -> list[Event]:
+        """Every event not known to be written, for another workflow to record:
+        the buffer and the batches still in flight (a workflow that returns
+        abandons its activities). Afterwards this log has nothing to wait for."""
+        events = [e for future, batch in self._in_flight if not _written(future)
+                  for e in batch] + self._buffer
+        self._in_flight, self._buffer = [], []
+        return events
 
     def flush(self) -> None:
         """Send what is buffered, without waiting for it to be written."""
-        self._in_flight = [f for f in self._in_flight if not f.done()]
+        self._in_flight = [(f, b) for f, b in self._in_flight if not f.done()]
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, []
         first, last = batch[0], batch[-1]
-        self._in_flight.append(
+        self._in_flight.append((
             workflow.start_activity(
                 ActivityName.RECORD_EVENTS.value,
                 RecordInput(events=batch),
@@ -82,15 +100,18 @@ class EventLog:
                 start_to_close_timeout=RECORD_TIMEOUT,
                 retry_policy=RECORD_RETRY_POLICY,
                 summary=f"events {first.seq}-{last.seq}: {first.type.value}"[:200],
-            )
-        )
+            ), batch))
 
     async def drain(self) -> None:
         """Send what is buffered and wait until every batch is written."""
         self.flush()
         pending, self._in_flight = self._in_flight, []
-        for future in pending:
+        for future, _ in pending:
             try:
                 await future
             except ActivityError as err:  # only on cancellation: retries are unlimited
                 workflow.logger.warning("recording events did not finish: %s", err)
+
+
+def _written(future: asyncio.Future[RecordOutput]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

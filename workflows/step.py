@@ -69,6 +69,9 @@ ROUTE_TO_WORKTREE = "route-to-worktree"
 MERGE_REMOVES_WORKTREES = "merge-removes-worktrees"
 #: A cancel that arrives while the merge runs waits for the merge's outcome.
 MERGE_RUNS_TO_ITS_END = "step-merge-runs-to-its-end"
+#: A step returns without waiting for its last events to be written: its
+#: directive records them (StepResult.unrecorded).
+PARENT_RECORDS_LAST_EVENTS = "parent-records-last-events"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -181,6 +184,9 @@ class StepWorkflow:
             await self._settle()
             raise
         await self._cleanup()
+        if workflow.info().parent is not None and workflow.patched(PARENT_RECORDS_LAST_EVENTS):
+            await self._settle_reports()
+            return result.model_copy(update={"unrecorded": self._log.hand_over()})
         await self._settle()
         return result
 
@@ -517,13 +523,17 @@ class StepWorkflow:
 
     async def _settle(self) -> None:
         """Wait for reports and records in flight: nothing may be lost at return."""
+        await self._settle_reports()
+        await self._log.drain()
+
+    async def _settle_reports(self) -> None:
+        """Wait for the progress reports to the parent in flight."""
         for pending in self._signals:
             try:
                 await pending
             except Exception as err:  # the parent may be gone (stopped, terminated)
                 workflow.logger.warning("progress report not delivered: %s", err)
         self._signals.clear()
-        await self._log.drain()
 
     def _result(self, status: StepStatus, evaluation: Evaluation | None,
                 execution: ExecuteOutput | None, *, reason: str = "",
