@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from makima.contracts import ActivityName, EventType
@@ -466,7 +467,12 @@ async def test_the_spend_of_tries_that_timed_out_is_counted(
         handle = await start(client, task_queue, spec_of(("a", [])))
         ended = asyncio.ensure_future(handle.result())
         while not ended.done():  # a try that runs holds the skipping: skip on purpose
-            await fresh_temporal_env.sleep(timedelta(seconds=65))
+            try:
+                await fresh_temporal_env.sleep(timedelta(seconds=65))
+            except RPCError as err:
+                # under load the test server gave up a skip ("Timeout expired"); skip again
+                if "Timeout expired" not in err.message:
+                    raise
             await asyncio.sleep(0.2)
         with pytest.raises(WorkflowFailureError):
             await ended
