@@ -74,6 +74,7 @@ from makima.git import makima_home
 from makima.leftovers import reap_ended_directives
 from makima.lifeline import reap_orphans
 from makima.llm.client import LLMClient, llm_from_env
+from makima.query_guard import QueryGuardRunner
 from makima.report import pull_request_report
 from makima.sandbox import SandboxUnavailable, require_sandbox
 from makima.store import create_pool
@@ -159,7 +160,9 @@ def build_worker(client: Client, queue: str, activities: list[Callable[..., Any]
                  activity_slots: int = WORKER_ACTIVITY_SLOTS, **options: Any) -> Worker:
     """makima's worker on `queue`; `options` are further `Worker` options.
     `extra_workflows` and `activity_slots`: for the benchmarks (the floor registered
-    beside makima's workflows; another number of activity slots)."""
+    beside makima's workflows; another number of activity slots). Workflows run in
+    the SDK's sandbox, guarded against what a query made them run (makima/query_guard.py)."""
+    options.setdefault("workflow_runner", QueryGuardRunner())
     return Worker(
         client,
         task_queue=queue,

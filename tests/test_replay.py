@@ -69,12 +69,13 @@ async def test_recorded_history_replays(path: Path, monkeypatch: pytest.MonkeyPa
 
 
 async def test_the_known_history_from_a_worker_restart_still_does_not_replay() -> None:
-    """A canary for README "Known limits": the fuzzer with worker restarts recorded a
-    history whose workflow task after a restart (the whole history, from the normal
-    queue) scheduled an activity before accepting an update that arrived in the same
-    task; a replay applies the update first. When this starts to replay (an SDK whose
-    activations agree), turn FUZZ_RESTARTS on by default in tests/test_fuzz_commands.py
-    and move this history into the gate above."""
+    """A canary for README "Known limits": the fuzzer with worker restarts recorded
+    this history before the worker's query guard (makima/query_guard.py) existed: a
+    status query ran an activity's result before its workflow task, whose update
+    was then accepted after the activity that result scheduled; a replay applies
+    the update first. Such a history stays broken; the guard keeps new ones from
+    being written (tests/test_restart_queries.py). When this starts to replay, an
+    SDK runs query activations as replays do, and the guard may go."""
     fixture = load(Path(__file__).parent / "histories" / "known" / "update-after-restart.json")
     history = WorkflowHistory.from_json(fixture["workflow_id"], fixture["history"])
     replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],

@@ -57,6 +57,7 @@ from makima.models import (
     StopRequest,
     UpdateAnswer,
 )
+from makima.query_guard import TASK_RETRY_MESSAGE
 
 WORKFLOW_TYPE = "DirectiveWorkflow"
 POLL_SECONDS = 0.5
@@ -259,14 +260,17 @@ def _bell_when_waiting(quiet: bool) -> OnSnapshot:
 
 
 async def query_status(handle: WorkflowHandle[Any, Any]) -> DirectiveSnapshot:
-    try:
-        return await handle.query("status", result_type=DirectiveSnapshot)
-    except RPCError as error:
-        if error.status is RPCStatusCode.NOT_FOUND:
-            raise CommandError(EXIT_BAD_INPUT, f"no directive with id {handle.id!r}") from None
-        raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
-    except WorkflowQueryFailedError as error:
-        raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
+    for _ in range(3):  # asked again when the worker's query guard refused to answer
+        try:
+            return await handle.query("status", result_type=DirectiveSnapshot)
+        except WorkflowQueryFailedError as error:
+            if str(error) != TASK_RETRY_MESSAGE:
+                raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
+        except RPCError as error:
+            if error.status is RPCStatusCode.NOT_FOUND:
+                raise CommandError(EXIT_BAD_INPUT, f"no directive with id {handle.id!r}") from None
+            raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {error}") from None
+    raise CommandError(EXIT_REFUSED, f"status of {handle.id} failed: {TASK_RETRY_MESSAGE}")
 
 
 async def cmd_status(args: Any) -> int:
