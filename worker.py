@@ -46,6 +46,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from activities.evaluate_merge import EvaluateMergeActivities
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
 from activities.heartbeat import Heartbeat
@@ -98,10 +99,12 @@ def all_activities(llm: LLMClient | None, pool: Any, *,
             for a in execution_activities
         ]
     record = RecordActivities(pool)
+    evaluation = EvaluationActivities(llm)
     return [
         *PlanningActivities(llm).activities(),
-        *EvaluationActivities(llm).activities(),
+        *evaluation.activities(),
         *execution_activities,
+        *EvaluateMergeActivities(evaluation, execution).activities(),
         logged_record_events(record.record_events),
         *NotifyActivities().activities(),
     ]

@@ -401,31 +401,36 @@ class ExecutionActivities:
     @activity.defn(name=ActivityName.MERGE_STEP.value)
     async def merge_step(self, input: MergeInput) -> MergeOutput:
         async with self._alive():
-            repo = await self._open(input.repository)
-            target = input.integration_branch
-            if not input.commit:
-                head = await repo.branch_head(target)
-                return MergeOutput(merged=True, commit=head, message=(
-                    f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"),
-                    removed_worktrees=await self._removed_after_merge(repo, input))
-            async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
-                await repo.fetch_branch(input.branch)
-                if await repo.resolve(input.commit) is None:
-                    raise MissingBranch(f"commit {input.commit} of step {input.step} is not in the "
-                                        f"repository (branch {input.branch})")
-                result = await repo.publish_merge(target, input.commit, (
-                    f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
-            if not result.merged:
-                files = ", ".join(result.conflict_files) or "(git named no file)"
-                return MergeOutput(merged=False, commit=result.head,
-                                   conflict_files=result.conflict_files, message=(
-                    f"merging step {input.step} (attempt {input.attempt}) into {target} conflicts "
-                    f"in: {files}. Nothing was merged; a rework starts from the step's work with "
-                    f"{target} merged in, conflict markers included."))
-            return MergeOutput(merged=True, commit=result.head,
-                               message=f"merged step {input.step} into {target} at "
-                                       f"{result.head[:12]}",
-                               removed_worktrees=await self._removed_after_merge(repo, input))
+            return await self.merge(input)
+
+    async def merge(self, input: MergeInput) -> MergeOutput:
+        """Merge the attempt's commit into the integration branch (the body of
+        `merge_step`, also run by `evaluate_and_merge_step`)."""
+        repo = await self._open(input.repository)
+        target = input.integration_branch
+        if not input.commit:
+            head = await repo.branch_head(target)
+            return MergeOutput(merged=True, commit=head, message=(
+                f"step {input.step} attempt {input.attempt} changed nothing; nothing to merge"),
+                removed_worktrees=await self._removed_after_merge(repo, input))
+        async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
+            await repo.fetch_branch(input.branch)
+            if await repo.resolve(input.commit) is None:
+                raise MissingBranch(f"commit {input.commit} of step {input.step} is not in the "
+                                    f"repository (branch {input.branch})")
+            result = await repo.publish_merge(target, input.commit, (
+                f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
+        if not result.merged:
+            files = ", ".join(result.conflict_files) or "(git named no file)"
+            return MergeOutput(merged=False, commit=result.head,
+                               conflict_files=result.conflict_files, message=(
+                f"merging step {input.step} (attempt {input.attempt}) into {target} conflicts "
+                f"in: {files}. Nothing was merged; a rework starts from the step's work with "
+                f"{target} merged in, conflict markers included."))
+        return MergeOutput(merged=True, commit=result.head,
+                           message=f"merged step {input.step} into {target} at "
+                                   f"{result.head[:12]}",
+                           removed_worktrees=await self._removed_after_merge(repo, input))
 
     async def _removed_after_merge(self, repo: GitRepository, input: MergeInput) -> bool:
         """Remove the merged step's worktrees here when asked; True when done. A

@@ -258,6 +258,9 @@ SEGMENTS = [
     ("evaluate", "evaluate_started", "evaluate_completed"),
     ("-> merge starts", "evaluate_completed", "merge_started"),
     ("merge", "merge_started", "merge_completed"),
+    # on the worker holding the worktree, one activity evaluates and merges
+    ("-> evaluate and merge starts", "execute_completed", "evaluate_and_merge_started"),
+    ("evaluate and merge", "evaluate_and_merge_started", "evaluate_and_merge_completed"),
     ("-> cleanup starts", "merge_completed", "cleanup_started"),
     ("cleanup", "cleanup_started", "cleanup_completed"),
     ("-> step returns (events, signals)", "last_completed", "child_completed"),
@@ -342,13 +345,14 @@ async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
                       "next_child_started": at(after.events[0]),
                       "next_execute_started": activity_times(after)["execute_step"]["started"],
                       "next_agent_start": agent[names[i]][0]}
-            for kind in ("execute", "evaluate", "merge", "cleanup"):
+            for kind in ("execute", "evaluate", "merge", "evaluate_and_merge", "cleanup"):
                 for moment in ("started", "completed"):
                     if moment in times.get(f"{kind}_step", {}):
                         points[f"{kind}_{moment}"] = times[f"{kind}_step"][moment]
             # the step's last activity before it returns
-            points["last_completed"] = points.get("cleanup_completed",
-                                                  points["merge_completed"])
+            points["last_completed"] = next(points[p] for p in (
+                "cleanup_completed", "merge_completed", "evaluate_and_merge_completed")
+                if p in points)
             points["next_child_initiated"] = parent[f"{handle.id}/g1/{names[i]}"]
             parts.append(segments(points, SEGMENTS))
             makima.append(points["next_execute_started"] - points["child_completed"])

@@ -54,6 +54,9 @@ GIT_RETRY_POLICY = RetryPolicy(
     maximum_attempts=5,
 )
 
+#: An evaluation that merges the attempt when it passes (activities/evaluate_merge.py).
+EVALUATE_AND_MERGE_TIMEOUT = EVALUATE_TIMEOUT + GIT_TIMEOUT
+
 RECORD_TIMEOUT = timedelta(seconds=30)
 RECORD_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),

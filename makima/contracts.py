@@ -19,6 +19,7 @@ from temporalio.common import SearchAttributeKey
 from makima.models import (
     Confidence,
     DirectiveSpec,
+    Evaluation,
     Model,
     PendingApproval,
     Plan,
@@ -39,6 +40,7 @@ class ActivityName(StrEnum):
     CHECKOUT_STEP = "checkout_step"
     EVALUATE_STEP = "evaluate_step"
     MERGE_STEP = "merge_step"
+    EVALUATE_AND_MERGE_STEP = "evaluate_and_merge_step"
     CLEANUP_STEP = "cleanup_step"
     COMPLETE_DIRECTIVE = "complete_directive"
     RECORD_EVENTS = "record_events"
@@ -204,6 +206,21 @@ class MergeOutput(Model):
     message: str = ""
     #: The step's worktrees on this worker are gone (asked for, merged, and removed).
     removed_worktrees: bool = False
+
+
+class EvaluateMergeInput(Model):
+    """Evaluate an attempt and, when the policy passes it without a person (green, or
+    yellow under full autonomy), merge it in the same activity, on the worker that
+    holds its worktree: no workflow task and no second activity between the two."""
+
+    evaluate: EvaluateInput
+    merge: MergeInput
+
+
+class EvaluateMergeOutput(Model):
+    evaluation: Evaluation
+    #: None when the policy did not pass the attempt (red, or yellow for a person)
+    merge: MergeOutput | None = None
 
 
 class CleanupInput(Model):

@@ -47,6 +47,13 @@ def decide(
     return Decision.BLOCK
 
 
+def passes_without_a_person(score: float, thresholds: Thresholds, autonomy: Autonomy) -> bool:
+    """Whether an attempt with this score merges with nobody asked (what `decide`
+    says for green, and for yellow under full autonomy): the evaluation activity may
+    then merge it at once (activities/evaluate_merge.py)."""
+    return decide(confidence_for(score, thresholds), autonomy, 0, 0) is Decision.PASS
+
+
 class BreakerKind(StrEnum):
     COST = "cost"
     WALL_TIME = "wall_time"

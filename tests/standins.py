@@ -25,6 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.billing import every_try_billed, usage_detail
 from activities.errors import translated_errors
+from activities.evaluate_merge import to_its_end
 from makima.constants import EXECUTE_RETRY_POLICY
 from makima.contracts import (
     ActivityName,
@@ -34,6 +35,8 @@ from makima.contracts import (
     CompleteInput,
     CompleteOutput,
     EvaluateInput,
+    EvaluateMergeInput,
+    EvaluateMergeOutput,
     Event,
     ExecuteInput,
     ExecuteOutput,
@@ -57,11 +60,17 @@ from makima.models import (
     Repository,
     Usage,
 )
+from makima.policy import passes_without_a_person
 from workflows.directive import DirectiveWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 #: The gate name that holds the completion activity (step names cannot contain '<').
 COMPLETION_GATE = "<completion>"
+
+
+def evaluate_gate(step: str) -> str:
+    """The gate that holds the evaluation of `step` in `evaluate_and_merge_step`."""
+    return f"<evaluate {step}>"
 
 
 def merge_gate(step: str) -> str:
@@ -138,6 +147,9 @@ class StandIns:
     billed: dict[str, float] = field(default_factory=dict)
     #: The worker queue each execute reports (consumed in order; then none).
     worker_queues: list[str] = field(default_factory=list)
+    #: Once `worker_queues` is used up: the worker queue an execute reports, by
+    #: directive id ("" for none).
+    worker_queue_of: Callable[[str], str] | None = None
     #: Steps whose merge ran to its end, in order.
     merged: list[str] = field(default_factory=list)
     #: The task queue each evaluate, merge and cleanup ran on.
@@ -243,7 +255,9 @@ class StandIns:
                 commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
                 changed_files=[f"{name}.txt"], output_tail=f"did {name}",
                 usage=earlier + s.bill(input.directive_id, s.execute_cost),
-                worker_queue=s.worker_queues.pop(0) if s.worker_queues else "")
+                worker_queue=(s.worker_queues.pop(0) if s.worker_queues
+                              else s.worker_queue_of(input.directive_id) if s.worker_queue_of
+                              else ""))
 
         @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
         async def checkout_step(input: CheckoutInput) -> ExecuteOutput:
@@ -255,6 +269,9 @@ class StandIns:
         async def evaluate_step(input: EvaluateInput) -> Evaluation:
             s.calls.append((ActivityName.EVALUATE_STEP.value, input))
             s.ran_on.append((ActivityName.EVALUATE_STEP.value, activity.info().task_queue))
+            return evaluation_of(input)
+
+        def evaluation_of(input: EvaluateInput) -> Evaluation:
             queue = s.scores.get(input.step.name)
             score = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else s.default_score
             green = score >= input.spec.thresholds.green
@@ -265,10 +282,40 @@ class StandIns:
                 rework_instructions="" if green else f"fix {input.step.name} (was {score})",
                 evaluator="stand-in", usage=s.bill(input.directive_id, s.evaluate_cost))
 
+        @activity.defn(name=ActivityName.EVALUATE_AND_MERGE_STEP.value)
+        async def evaluate_and_merge_step(input: EvaluateMergeInput) -> EvaluateMergeOutput:
+            # as activities/evaluate_merge.py: a cancel ends the evaluation; a merge
+            # under way runs to its end
+            s.calls.append((ActivityName.EVALUATE_AND_MERGE_STEP.value, input))
+            s.ran_on.append((ActivityName.EVALUATE_AND_MERGE_STEP.value,
+                             activity.info().task_queue))
+            try:
+                gate = s.gates.get(evaluate_gate(input.evaluate.step.name))
+                await wait_at(gate)
+            except asyncio.CancelledError:
+                s.cancelled.append(input.evaluate.step.name)
+                raise
+            evaluation = evaluation_of(input.evaluate)
+            spec = input.evaluate.spec
+            if not passes_without_a_person(evaluation.score, spec.thresholds, spec.autonomy):
+                return EvaluateMergeOutput(evaluation=evaluation)
+            return EvaluateMergeOutput(evaluation=evaluation,
+                                       merge=await to_its_end(merged(input.merge)))
+
+        async def wait_at(gate: Gate | None) -> None:
+            if gate is not None:
+                gate.reached.set()
+                while not gate.opened.is_set():
+                    activity.heartbeat("waiting at the gate")
+                    await asyncio.sleep(0.05)
+
         @activity.defn(name=ActivityName.MERGE_STEP.value)
         async def merge_step(input: MergeInput) -> MergeOutput:
             s.calls.append((ActivityName.MERGE_STEP.value, input))
             s.ran_on.append((ActivityName.MERGE_STEP.value, activity.info().task_queue))
+            return await merged(input)
+
+        async def merged(input: MergeInput) -> MergeOutput:
             gate = s.gates.get(merge_gate(input.step))
             if gate is not None:
                 gate.reached.set()
@@ -314,6 +361,7 @@ class StandIns:
             return RecordOutput(written=len(input.events))
 
         return [prepare_repository, plan_directive, execute_step, checkout_step, evaluate_step,
+                evaluate_and_merge_step,
                 merge_step, cleanup_step, complete_directive, record_events]
 
 

@@ -35,6 +35,12 @@ completion ("ACTIVITY_UNKNOWN"; the cancelled workflow then never closes),
 which is exactly the race the fuzzer provokes. It also reports a terminated
 child to its parent, which the time-skipping server does not.
 
+Half the examples (even seeds) run as on a real worker, where an attempt's
+evaluation and merge go to the worker holding its worktree (here the activity
+worker's own queue): an attempt that passes without a person is then evaluated
+and merged by one activity, which a stop cancels before its merge and waits for
+once the merge began. The other half evaluate and merge in two activities.
+
 Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 80) in
 concurrent batches, `make fuzz` thousands. A failing example prints its seed;
 `MAKIMA_FUZZ_SEED=<seed> .venv/bin/pytest tests/test_fuzz_commands.py` runs that
@@ -200,10 +206,16 @@ class Fuzz:
     def __init__(self, client: Client, task_queue: str) -> None:
         self.client = client
         self.task_queue = task_queue
-        self.stand = StandIns(execute_cost=0.01, evaluate_cost=0.002, plan_cost=0.01)
+        self.stand = StandIns(execute_cost=0.01, evaluate_cost=0.002, plan_cost=0.01,
+                              worker_queue_of=self._worker_queue)
         self.stand.planner = self._plan
+        #: directives whose attempts live on "the worker holding the worktree"
+        self.routed: set[str] = set()
         self.replans: dict[str, list[float]] = {}
         self.directive_ids: dict[int, str] = {}
+
+    def _worker_queue(self, directive_id: str) -> str:
+        return self.task_queue if directive_id in self.routed else ""
 
     def _plan(self, input: PlanInput) -> Plan:
         prefix = input.directive_id.rsplit("-", 1)[-1]
@@ -220,6 +232,8 @@ class Fuzz:
         self.stand.flaky_executes.update(script.flaky)
         directive_id = f"fuzz-{uuid.uuid4().hex[:6]}-{script.prefix}"
         self.directive_ids[script.seed] = directive_id
+        if script.seed % 2 == 0:
+            self.routed.add(directive_id)
         self.replans[directive_id] = script.replan_scores
         spec = spec_of(*script.steps, planner="llm", budgets={
             "max_rework_cycles": script.max_rework_cycles,
@@ -524,15 +538,23 @@ def stop_answered_at(runs: list[Any]) -> datetime | None:
 
 
 def merges_finished_at(children: list[Any]) -> list[datetime]:
-    """When each merge_step activity of the step workflows completed."""
+    """When each merge of the step workflows completed: a merge_step activity, or an
+    evaluate_and_merge_step that merged."""
     finished = []
     for history in children:
-        merges = {e.event_id for e in history.events
+        merges = {e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+                  for e in history.events
                   if e.HasField("activity_task_scheduled_event_attributes")
-                  and e.activity_task_scheduled_event_attributes.activity_type.name == "merge_step"}
-        finished += [e.event_time.ToDatetime() for e in history.events
-                     if e.HasField("activity_task_completed_event_attributes")
-                     and e.activity_task_completed_event_attributes.scheduled_event_id in merges]
+                  and e.activity_task_scheduled_event_attributes.activity_type.name
+                  in ("merge_step", "evaluate_and_merge_step")}
+        for e in history.events:
+            if not e.HasField("activity_task_completed_event_attributes"):
+                continue
+            done = e.activity_task_completed_event_attributes
+            kind = merges.get(done.scheduled_event_id)
+            if kind == "merge_step" or (kind is not None and json.loads(
+                    done.result.payloads[0].data).get("merge") is not None):
+                finished.append(e.event_time.ToDatetime())
     return finished
 
 

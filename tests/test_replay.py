@@ -32,8 +32,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "step-cancelled-outside", "stop-after-a-paused-attempt", "timed-out-tries",
                 # routed to the worktree's worker (tests/test_routing.py); v1 before
                 # the merge removed the worktrees itself, v2 before the directive
-                # recorded a step's last events
-                "routed", "routed-v1", "routed-v2", "checkpoint-approve", "checkpoint-deny",
+                # recorded a step's last events, v3 before one activity evaluated and
+                # merged (tests/test_critical_path.py)
+                "routed", "routed-v1", "routed-v2", "routed-v3", "evaluate-and-merge",
+                "stop-during-evaluate-and-merge", "checkpoint-approve", "checkpoint-deny",
                 "stop-during-merge", "step-terminated-while-starting",
                 # the fuzzer's (seed 468784) directive that lost a step at a pause, on the
                 # code before the patch 'directive-no-step-without-a-run'

@@ -1,5 +1,6 @@
 """An attempt's evaluate, merge and cleanup go to the worker that holds its
-worktree (that worker's own task queue), and when that worker is gone the
+worktree (that worker's own task queue; there one activity evaluates and, when
+the attempt passes without a person, merges), and when that worker is gone the
 attempt's commit is checked out on another worker instead. A merge there also
 removes the worktrees, so no cleanup runs between a step and its dependants. The real Temporal test server
 with stand-in activities; tests/test_faults.py runs it with worker processes."""
@@ -16,6 +17,8 @@ from worker import build_worker
 
 EVALUATE, MERGE, CLEANUP = (ActivityName.EVALUATE_STEP.value, ActivityName.MERGE_STEP.value,
                             ActivityName.CLEANUP_STEP.value)
+#: evaluate and, when the attempt passes without a person, merge: one activity
+EVALUATE_AND_MERGE = ActivityName.EVALUATE_AND_MERGE_STEP.value
 
 
 async def test_evaluate_and_merge_run_on_the_worker_that_holds_the_worktree(
@@ -29,9 +32,10 @@ async def test_evaluate_and_merge_run_on_the_worker_that_holds_the_worktree(
         result = await handle.result()
 
     assert result.status is DirectiveStatus.COMPLETED
-    # the merge removed the worktrees there: no cleanup activity
-    assert standins.ran_on == [(EVALUATE, own), (MERGE, own)]
-    assert [m.remove_worktrees for m in standins.called(ActivityName.MERGE_STEP)] == [True]
+    # evaluated and merged there by one activity, which removed the worktrees: no cleanup
+    assert standins.ran_on == [(EVALUATE_AND_MERGE, own)]
+    assert [f.merge.remove_worktrees
+            for f in standins.called(ActivityName.EVALUATE_AND_MERGE_STEP)] == [True]
 
 
 async def test_worktrees_the_merge_did_not_remove_are_cleaned_up_where_they_are(
@@ -49,7 +53,8 @@ async def test_worktrees_the_merge_did_not_remove_are_cleaned_up_where_they_are(
         await save_history(handle, temporal_env.client, "routed")
 
     assert result.status is DirectiveStatus.COMPLETED
-    assert standins.ran_on == [(EVALUATE, a), (EVALUATE, b), (MERGE, b), (CLEANUP, a)]
+    assert standins.ran_on == [(EVALUATE_AND_MERGE, a), (EVALUATE_AND_MERGE, b), (CLEANUP, a)]
+    assert standins.merged == ["one"]
 
 
 async def test_a_merge_that_could_not_remove_the_worktrees_leaves_them_to_cleanup(
@@ -63,7 +68,7 @@ async def test_a_merge_that_could_not_remove_the_worktrees_leaves_them_to_cleanu
         result = await handle.result()
 
     assert result.status is DirectiveStatus.COMPLETED
-    assert standins.ran_on == [(EVALUATE, own), (MERGE, own), (CLEANUP, own)]
+    assert standins.ran_on == [(EVALUATE_AND_MERGE, own), (CLEANUP, own)]
 
 
 @pytest.mark.faults  # waits out WORKTREE_SCHEDULE_TO_START (60 s): the test server does not skip it

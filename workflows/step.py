@@ -26,6 +26,8 @@ with workflow.unsafe.imports_passed_through():
         CleanupInput,
         CleanupOutput,
         EvaluateInput,
+        EvaluateMergeInput,
+        EvaluateMergeOutput,
         EventType,
         ExecuteInput,
         ExecuteOutput,
@@ -72,6 +74,9 @@ MERGE_RUNS_TO_ITS_END = "step-merge-runs-to-its-end"
 #: A step returns without waiting for its last events to be written: its
 #: directive records them (StepResult.unrecorded).
 PARENT_RECORDS_LAST_EVENTS = "parent-records-last-events"
+#: On the worker holding the worktree, one activity evaluates and, where the policy
+#: passes the attempt without a person, merges it (activities/evaluate_merge.py).
+EVALUATE_AND_MERGE = "step-evaluate-and-merge"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -127,6 +132,8 @@ class StepWorkflow:
         self._worktree_queues: list[str] = []
         self._removed_by_merge = False
         self._cancel_asked = False  # cancelled while a merge ran (see _merge)
+        #: the merge the evaluation activity made already (see _evaluate_and_merge)
+        self._merged_with_evaluation: MergeOutput | None = None
 
     # ------------------------------------------------------------------ messages from the parent
 
@@ -237,7 +244,9 @@ class StepWorkflow:
                 decision = Decision.PASS
 
             if decision is Decision.PASS:
-                merge = await self._merge(attempt, execution)
+                merge, self._merged_with_evaluation = self._merged_with_evaluation, None
+                if merge is None:
+                    merge = await self._merge(attempt, execution)
                 if self._cancel_asked and not (merge and merge.merged):
                     raise asyncio.CancelledError("cancelled while merging")
                 if merge is None:
@@ -273,6 +282,7 @@ class StepWorkflow:
                            checkout: bool) -> tuple[ExecuteOutput, Evaluation] | StepResult:
         """Execute (or check out) and evaluate one attempt; a StepResult when it failed."""
         spec = self._input.spec
+        self._merged_with_evaluation = None
         await self._unpaused()
         self._event(EventType.ATTEMPT_STARTED, f"attempt {attempt}", data={
             "workflow_id": workflow.info().workflow_id,
@@ -362,6 +372,8 @@ class StepWorkflow:
         while True:
             queue = self._worktree_queue(execution)
             try:
+                if queue is not None and workflow.patched(EVALUATE_AND_MERGE):
+                    return await self._evaluate_and_merge(queue, attempt, execution)
                 return await workflow.execute_activity(
                     ActivityName.EVALUATE_STEP.value,
                     EvaluateInput(directive_id=i.directive_id, generation=i.generation,
@@ -388,6 +400,50 @@ class StepWorkflow:
             moved = await self._checkout(attempt)
             execution = execution.model_copy(update={
                 "worktree": moved.worktree, "worker_queue": moved.worker_queue})
+
+    async def _evaluate_and_merge(self, queue: str, attempt: int,
+                                  execution: ExecuteOutput) -> Evaluation:
+        """Evaluate on the worker holding the worktree, and merge there at once when
+        the policy passes the attempt without a person (kept for `_attempts`).
+
+        A cancel (a stop) asks the activity to stop: while it evaluates, it ends and
+        nothing merges; a merge under way runs to its end, and its outcome is the
+        step's, as in `_merge_on`."""
+        i = self._input
+        merge = self._merge_input(attempt, execution, remove_worktrees=True)
+        running = workflow.start_activity(
+            ActivityName.EVALUATE_AND_MERGE_STEP.value,
+            EvaluateMergeInput(
+                evaluate=EvaluateInput(directive_id=i.directive_id, generation=i.generation,
+                                       spec=i.spec, step=i.step, attempt=attempt,
+                                       integration_branch=i.integration_branch,
+                                       execution=execution),
+                merge=merge),
+            result_type=EvaluateMergeOutput,
+            task_queue=queue,
+            schedule_to_start_timeout=c.WORKTREE_SCHEDULE_TO_START,
+            start_to_close_timeout=c.EVALUATE_AND_MERGE_TIMEOUT,
+            heartbeat_timeout=c.EVALUATE_HEARTBEAT_TIMEOUT,
+            retry_policy=c.EVALUATE_RETRY_POLICY,
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"{i.step.name}: evaluate attempt {attempt}, merge if it passes",
+        )
+        try:
+            done = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            self._cancel_asked = True
+            # an outcome that arrived together with the cancel is taken, not cancelled
+            await workflow.wait_condition(lambda: True)
+            if not running.done():
+                running.cancel()
+            done = await running  # raises the activity's cancellation when it stopped
+        if done.merge is not None and done.merge.removed_worktrees:
+            self._worktree_queues.remove(queue)
+            self._removed_by_merge = True
+        if self._cancel_asked and not (done.merge and done.merge.merged):
+            raise asyncio.CancelledError("cancelled while evaluating")
+        self._merged_with_evaluation = done.merge
+        return done.evaluation
 
     async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
         self._log.flush()
@@ -422,10 +478,7 @@ class StepWorkflow:
         runs_to_its_end = workflow.patched(MERGE_RUNS_TO_ITS_END)
         merging = workflow.start_activity(
             ActivityName.MERGE_STEP.value,
-            MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
-                       integration_branch=i.integration_branch, step=i.step.name,
-                       attempt=attempt, branch=execution.branch, commit=execution.commit,
-                       remove_worktrees=queue is not None),
+            self._merge_input(attempt, execution, remove_worktrees=queue is not None),
             result_type=MergeOutput,
             task_queue=queue,
             schedule_to_start_timeout=c.WORKTREE_SCHEDULE_TO_START if queue else None,
@@ -444,6 +497,14 @@ class StepWorkflow:
             # everything after it (the directive answers a stop once its steps ended).
             self._cancel_asked = True
             return await merging
+
+    def _merge_input(self, attempt: int, execution: ExecuteOutput, *,
+                     remove_worktrees: bool) -> MergeInput:
+        i = self._input
+        return MergeInput(directive_id=i.directive_id, repository=i.spec.repository,
+                          integration_branch=i.integration_branch, step=i.step.name,
+                          attempt=attempt, branch=execution.branch, commit=execution.commit,
+                          remove_worktrees=remove_worktrees)
 
     def _merge_failed(self, err: ActivityError) -> None:
         self._event(EventType.ACTIVITY_FAILED, _cause(err), severity=Severity.ERROR,

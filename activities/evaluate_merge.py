@@ -1,0 +1,72 @@
+"""One activity for an attempt that passes without a person: evaluate it and, when
+the policy passes it (green, or yellow under full autonomy), merge it at once, on
+the worker that holds its worktree. Between the two there is then no workflow
+task and no second activity to schedule: what a level of a DAG waits for is
+shorter by both.
+
+A cancel (a stop, or the step cancelled from outside) ends the activity while it
+evaluates, and nothing merges. Once the merge has begun it runs to its end and
+its result is returned: a merge is never cut off half-way, and the step's
+workflow, which waits for this activity's outcome, reports it (the directive
+answers a stop only once its steps have ended, so nothing merges after that).
+
+What does not live here: the evaluation (activities/evaluation.py) and the merge
+(activities/execution.py) themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from activities.billing import usage_detail
+from activities.errors import translated_errors
+from activities.evaluation import EvaluationActivities
+from activities.execution import ExecutionActivities
+from activities.heartbeat import Heartbeat
+from makima.contracts import ActivityName, EvaluateMergeInput, EvaluateMergeOutput, MergeOutput
+from makima.errors import MakimaError
+from makima.policy import passes_without_a_person
+
+
+class EvaluateMergeActivities:
+    def __init__(self, evaluation: EvaluationActivities, execution: ExecutionActivities) -> None:
+        self.evaluation = evaluation
+        self.execution = execution
+
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.evaluate_and_merge_step]
+
+    @activity.defn(name=ActivityName.EVALUATE_AND_MERGE_STEP.value)
+    async def evaluate_and_merge_step(self, input: EvaluateMergeInput) -> EvaluateMergeOutput:
+        # its own heartbeats, and what earlier tries were billed (activities/billing.py)
+        evaluation = await self.evaluation.evaluate_step(input.evaluate)
+        spec = input.evaluate.spec
+        if not passes_without_a_person(evaluation.score, spec.thresholds, spec.autonomy):
+            return EvaluateMergeOutput(evaluation=evaluation)
+        # a retry (this worker died mid-merge) starts from what the evaluation was billed
+        async with Heartbeat(lambda: ["merging", usage_detail(evaluation.usage)],
+                             self.execution.heartbeat_interval):
+            with translated_errors():
+                try:
+                    merge = await to_its_end(self.execution.merge(input.merge))
+                except MakimaError as exc:
+                    exc.usage = evaluation.usage  # the step's spend still counts it
+                    raise
+        return EvaluateMergeOutput(evaluation=evaluation, merge=merge)
+
+
+async def to_its_end(merge: Any) -> MergeOutput:
+    """Await the merge through any cancel: a cancel that arrives now is answered
+    with the merge's outcome."""
+    merging: asyncio.Future[MergeOutput] = asyncio.ensure_future(merge)
+    while True:
+        try:
+            return await asyncio.shield(merging)
+        except asyncio.CancelledError:
+            if merging.done():
+                return merging.result()
+            activity.logger.info("cancelled while merging: the merge runs to its end first")
