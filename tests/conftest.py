@@ -23,6 +23,15 @@ from tests.messages_server import MessagesServer
 
 BIN = Path(sys.executable).parent
 
+# The workflow sandbox imports the workflow modules afresh for every workflow run and
+# every replay. Where PYTHONDONTWRITEBYTECODE is set (it is on the machines this suite
+# runs on), each of those imports compiled workflows/directive.py and step.py again: a
+# third of creating a directive's instance, two thirds of a step's. Their bytecode is
+# kept in the virtual environment instead, never beside the sources.
+if sys.dont_write_bytecode:
+    sys.pycache_prefix = str(Path(sys.prefix) / "pycache")
+    sys.dont_write_bytecode = False
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -41,8 +41,9 @@ worker's own queue): an attempt that passes without a person is then evaluated
 and merged by one activity, which a stop cancels before its merge and waits for
 once the merge began. The other half evaluate and merge in two activities.
 
-Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 80) in
-concurrent batches, `make fuzz` thousands. A failing example prints its seed;
+Each example is a seed. `make test` runs FUZZ_EXAMPLES (default 150), FUZZ_BATCH of
+them at once (the next starts when one ends), `make fuzz` thousands. Every history is
+replayed by one replay worker shared by the whole run. A failing example prints its seed;
 `MAKIMA_FUZZ_SEED=<seed> .venv/bin/pytest tests/test_fuzz_commands.py` runs that
 script again (alone, so its timing differs from the batch it failed in).
 
@@ -73,7 +74,8 @@ import os
 import random
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -86,12 +88,13 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowHistory,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Replayer, Worker
 
 import makima.constants
@@ -117,8 +120,10 @@ from workflows.directive import DirectiveWorkflow
 from workflows.step import StepWorkflow
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-#: About a second of CPU each (README "Tests": what more would cost `make test`).
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
+#: About 0.9 s of CPU each, half of it the dev server's (README "Tests": what more
+#: would cost `make test`).
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+#: Examples in flight at once.
 BATCH = int(os.environ.get("FUZZ_BATCH", "40"))
 SEED = os.environ.get("MAKIMA_FUZZ_SEED")
 RESTARTS = os.environ.get("FUZZ_RESTARTS", "0") == "1"
@@ -190,6 +195,39 @@ class Script:
         )
 
 
+class SharedReplayer:
+    """One replay worker for every history of the run, replaying them one at a time in
+    the order they are asked for. `Replayer.replay_workflow` builds, and validates the
+    workflows of, a new replay worker per history: two sandboxed workflow instances
+    for each history replayed, about a third of what replaying an example cost."""
+
+    def __init__(self) -> None:
+        self._asked: asyncio.Queue[tuple[WorkflowHistory, asyncio.Future[Exception | None]]] = (
+            asyncio.Queue())
+
+    async def replay(self, history: WorkflowHistory) -> Exception | None:
+        """The replay failure of `history`, None when it replays."""
+        answer: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        await self._asked.put((history, answer))
+        return await answer
+
+    async def run(self) -> None:
+        """Replay what is asked until cancelled."""
+        replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
+                            data_converter=pydantic_data_converter)
+        answers: deque[asyncio.Future[Exception | None]] = deque()
+
+        async def histories() -> AsyncIterator[WorkflowHistory]:
+            while True:
+                history, answer = await self._asked.get()
+                answers.append(answer)
+                yield history
+
+        async with replayer.workflow_replay_iterator(histories()) as results:
+            async for result in results:
+                answers.popleft().set_result(result.replay_failure)
+
+
 @dataclass
 class Outcome:
     """What the driver was told was accepted."""
@@ -213,6 +251,21 @@ class Fuzz:
         self.routed: set[str] = set()
         self.replans: dict[str, list[float]] = {}
         self.directive_ids: dict[int, str] = {}
+        self.replayer = SharedReplayer()
+        #: What stopped and why, when a worker the examples need ended with an error.
+        self.broken: asyncio.Future[tuple[str, BaseException]] = (
+            asyncio.get_running_loop().create_future())
+
+    def watch(self, what: str, runs: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a worker; should it fail, `broken` says so and the run ends at once."""
+        task = asyncio.create_task(runs)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None and not self.broken.done():
+                self.broken.set_result((what, task.exception()))
+
+        task.add_done_callback(ended)
+        return task
 
     def _worker_queue(self, directive_id: str) -> str:
         return self.task_queue if directive_id in self.routed else ""
@@ -328,8 +381,14 @@ class Fuzz:
                                    outcome)
         elif action == "noise":
             for _ in range(NOISE):
-                await handle.signal(DirectiveWorkflow.approve, ApprovalDecision(
-                    step=snap.steps[0].name if snap.steps else "none", by="fuzz", attempt=99))
+                try:
+                    await handle.signal(DirectiveWorkflow.approve, ApprovalDecision(
+                        step=snap.steps[0].name if snap.steps else "none", by="fuzz", attempt=99))
+                except RPCError as err:  # the directive ended meanwhile: nothing left to refuse
+                    if err.status is not RPCStatusCode.NOT_FOUND:
+                        raise
+                    outcome.notes.append(f"noise after the end: {err}")
+                    break
         elif action in ("cancel-step", "terminate-step"):
             running = [s for s in snap.steps if s.status.is_active and s.workflow_id]
             if running:
@@ -402,15 +461,12 @@ class Fuzz:
                          f"{step.workflow_id} is {state}, waiting on activities {pending}")
         return "; ".join(lines) or "no step is active"
 
-    @staticmethod
-    async def replay(runs: list[Any], children: list[Any]) -> dict[str, Exception]:
-        replayer = Replayer(workflows=[DirectiveWorkflow, StepWorkflow],
-                            data_converter=pydantic_data_converter)
+    async def replay(self, runs: list[Any], children: list[Any]) -> dict[str, Exception]:
         not_replayed = {}
         for history in [*runs, *children]:
-            replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-            if replayed.replay_failure is not None:
-                not_replayed[history.workflow_id] = replayed.replay_failure
+            failure = await self.replayer.replay(history)
+            if failure is not None:
+                not_replayed[history.workflow_id] = failure
         return not_replayed
 
     async def keep(self, seed: int) -> Path:
@@ -580,7 +636,7 @@ async def restart_workflow_worker_now_and_then(fuzz: Fuzz, holder: list[Worker],
             return
         await holder[0].shutdown()
         holder[0] = workflow_worker(fuzz, restarts)
-        asyncio.create_task(holder[0].run())
+        fuzz.watch("the workflow worker", holder[0].run())
 
 
 async def run_examples(client: Client, task_queue: str, seeds: list[int],
@@ -602,18 +658,41 @@ async def run_examples(client: Client, task_queue: str, seeds: list[int],
             failures.append(f"MAKIMA_FUZZ_SEED={seed}: {type(err).__name__}: {err} "
                             f"(histories in {kept})\n{where}")
 
+    # BATCH examples run at once, and the next starts as soon as one ends: waiting for
+    # a whole batch to end left the cores idle behind its slowest example (an agent
+    # retried after 5 s and 10 s). No example starts once one has failed.
+    slots = asyncio.Semaphore(BATCH)
+
+    async def one_in_a_slot(seed: int) -> None:
+        async with slots:
+            if not failures:
+                await one(seed)
+
     async with activities:
-        asyncio.create_task(holder[0].run())
+        fuzz.watch("the workflow worker", holder[0].run())
+        replays = fuzz.watch("the replay worker", fuzz.replayer.run())
         restarts = asyncio.create_task(
             restart_workflow_worker_now_and_then(fuzz, holder, restarts, done,
                                                  random.Random(seeds[0])))
+        examples = asyncio.ensure_future(asyncio.gather(*(one_in_a_slot(s) for s in seeds)))
         try:
-            for first in range(0, len(seeds), BATCH):
-                await asyncio.gather(*(one(s) for s in seeds[first:first + BATCH]))
-                assert not failures, "\n".join(failures)
+            await asyncio.wait({examples, fuzz.broken}, return_when=asyncio.FIRST_COMPLETED)
+            if fuzz.broken.done():
+                # every example would wait for it forever (it happened once, at load 10)
+                what, err = fuzz.broken.result()
+                examples.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await examples
+                raise AssertionError(f"{what} stopped under the examples: {err!r}; "
+                                     + "\n".join(failures)) from err
+            await examples
+            assert not failures, "\n".join(failures)
         finally:
             done.set()
             await restarts
+            replays.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replays
             await holder[0].shutdown()
 
 
