@@ -361,7 +361,7 @@ class ExecutionActivities:
     @activity.defn(name=ActivityName.CHECKOUT_STEP.value)
     async def checkout_step(self, input: CheckoutInput) -> ExecuteOutput:
         async with self._alive():
-            repo = await self._open(input.spec.repository)
+            repo = await self._open(input.repository)
             branch = step_branch(input.directive_id, input.step)
             await asyncio.to_thread(record_directive, self.home, input.directive_id)
             worktree = Workspace(self.home, input.directive_id, input.step, input.attempt,

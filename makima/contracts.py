@@ -13,20 +13,27 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from temporalio.common import SearchAttributeKey
 
 from makima.models import (
+    Autonomy,
+    Completion,
     Confidence,
     DirectiveSpec,
     Evaluation,
+    EvaluatorKind,
+    ExecutorKind,
     Model,
+    ModelChoice,
     PendingApproval,
     Plan,
     PlannedStep,
     Repository,
+    SandboxSettings,
     StepState,
     StepStatus,
+    Thresholds,
     Usage,
 )
 
@@ -87,6 +94,97 @@ def step_branch(directive_id: str, step: str) -> str:
     return f"makima/{directive_id}--steps/{step}"
 
 
+# --------------------------------------------------------------------------- slices of the spec
+
+
+class SpecSlice(Model):
+    """The part of a directive's spec that one consumer needs: a step's run and its
+    activities get their slice, not the spec with its plan, budgets and people.
+
+    Histories and activity tasks written before slices existed hold the whole spec
+    here; it still decodes, cut down to the slice."""
+
+    @classmethod
+    def of(cls, source: DirectiveSpec | SpecSlice) -> Any:
+        """This slice of a spec, or of a larger slice."""
+        return cls.model_validate({name: getattr(source, name) for name in cls.model_fields
+                                   if hasattr(source, name)} | cls._derived(source))
+
+    @classmethod
+    def _derived(cls, source: DirectiveSpec | SpecSlice) -> dict[str, Any]:
+        return {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_a_whole_spec(cls, data: Any) -> Any:
+        if isinstance(data, DirectiveSpec):
+            return cls.of(data).__dict__
+        if isinstance(data, dict) and not data.keys() <= cls.model_fields.keys():
+            # a whole spec (older histories); anything else fails there, named
+            return cls.of(DirectiveSpec.model_validate(data)).__dict__
+        return data
+
+
+class DirectiveContext(SpecSlice):
+    """What every model call about the directive is told (makima/prompts/context.py,
+    the agent's task prompt): the same for all its steps."""
+
+    title: str
+    goal: str
+    requirements: list[str] = Field(default_factory=list)
+    acceptance_criteria: list[str] = Field(default_factory=list)
+    constraints: list[str] = Field(default_factory=list)
+    repository: Repository
+
+
+class ExecutionSpec(DirectiveContext):
+    """What `execute_step` needs: the context for the agent, which agent, its model
+    and its confinement."""
+
+    executor: ExecutorKind = ExecutorKind.CLAUDE_CODE
+    models: ModelChoice = Field(default_factory=ModelChoice)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
+class EvaluationSpec(DirectiveContext):
+    """What `evaluate_step` needs: the context (acceptance criteria among it) for the
+    judge, which judge and model, the thresholds, and the checks' confinement; and
+    the autonomy by which `evaluate_and_merge_step` decides to merge at once."""
+
+    evaluator: EvaluatorKind = EvaluatorKind.AUTO
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    autonomy: Autonomy = Autonomy.GUARDED
+    models: ModelChoice = Field(default_factory=ModelChoice)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
+class StepSpec(DirectiveContext):
+    """What a step's run needs: its activities' slices and the policy it decides by
+    (autonomy, thresholds, rework cycles). Not the plan, not the other budgets."""
+
+    autonomy: Autonomy = Autonomy.GUARDED
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    max_rework_cycles: int = Field(3, ge=0, le=100)
+    executor: ExecutorKind = ExecutorKind.CLAUDE_CODE
+    evaluator: EvaluatorKind = EvaluatorKind.AUTO
+    models: ModelChoice = Field(default_factory=ModelChoice)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+    @classmethod
+    def _derived(cls, source: DirectiveSpec | SpecSlice) -> dict[str, Any]:
+        if isinstance(source, DirectiveSpec):
+            return {"max_rework_cycles": source.budgets.max_rework_cycles}
+        return {}
+
+
+class CompletionSpec(SpecSlice):
+    """What `complete_directive` needs: how to complete, where, and the PR's title."""
+
+    title: str
+    repository: Repository
+    completion: Completion = Completion.BRANCH
+
+
 # --------------------------------------------------------------------------- repository
 
 
@@ -135,7 +233,7 @@ class ReworkContext(Model):
 class ExecuteInput(Model):
     directive_id: str
     generation: int
-    spec: DirectiveSpec  # context for the agent; `plan` and `carry` are stripped
+    spec: ExecutionSpec
     step: PlannedStep
     attempt: int = 1
     integration_branch: str
@@ -169,16 +267,25 @@ class CheckoutInput(Model):
 
     directive_id: str
     generation: int
-    spec: DirectiveSpec
+    repository: Repository
     step: str
     attempt: int
     integration_branch: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_a_whole_spec(cls, data: Any) -> Any:
+        # older histories hold the whole spec; the checkout needs its repository
+        if isinstance(data, dict) and "spec" in data and "repository" not in data:
+            data = {**data, "repository": data["spec"]["repository"]}
+            del data["spec"]
+        return data
 
 
 class EvaluateInput(Model):
     directive_id: str
     generation: int
-    spec: DirectiveSpec
+    spec: EvaluationSpec
     step: PlannedStep
     attempt: int
     integration_branch: str
@@ -236,7 +343,7 @@ class CleanupOutput(Model):
 
 class CompleteInput(Model):
     directive_id: str
-    spec: DirectiveSpec
+    spec: CompletionSpec
     integration_branch: str
     steps: list[StepState] = Field(default_factory=list)
 
@@ -324,7 +431,7 @@ class NotifyOutput(Model):
 class StepInput(Model):
     directive_id: str
     generation: int
-    spec: DirectiveSpec  # `plan` and `carry` stripped
+    spec: StepSpec
     step: PlannedStep
     integration_branch: str
     paused: bool = False

@@ -254,7 +254,7 @@ async def test_checkout_step_describes_a_hand_fixed_branch(
     fixed = sh("git", "rev-parse", "HEAD", cwd=worktree)
 
     checked = await acts.checkout_step(CheckoutInput(
-        directive_id=DIRECTIVE, generation=1, spec=spec, step="hand", attempt=2,
+        directive_id=DIRECTIVE, generation=1, repository=spec.repository, step="hand", attempt=2,
         integration_branch=integration))
     assert checked.success and checked.commit == fixed
     assert checked.changed_files == ["h.txt"]

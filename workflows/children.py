@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         StepInput,
         StepProgress,
         StepResult,
+        StepSpec,
         step_workflow_id,
     )
     from makima.models import PendingApproval, StepStatus
@@ -46,7 +47,7 @@ class DirectiveChildren:
         step_input = StepInput(
             directive_id=self._id,
             generation=self._generation,
-            spec=self._spec.model_copy(update={"plan": None}),
+            spec=StepSpec.of(self._spec),
             step=self._planned[name],
             integration_branch=self._branch,
             paused=self._paused,

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         CompleteInput,
         CompleteOutput,
+        CompletionSpec,
         EventType,
         Severity,
         StepResult,
@@ -263,7 +264,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         try:
             done = await workflow.execute_activity(
                 ActivityName.COMPLETE_DIRECTIVE.value,
-                CompleteInput(directive_id=self._id, spec=self._spec,
+                CompleteInput(directive_id=self._id, spec=CompletionSpec.of(self._spec),
                               integration_branch=self._branch, steps=list(self._steps.values())),
                 result_type=CompleteOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,

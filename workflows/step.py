@@ -28,9 +28,11 @@ with workflow.unsafe.imports_passed_through():
         EvaluateInput,
         EvaluateMergeInput,
         EvaluateMergeOutput,
+        EvaluationSpec,
         EventType,
         ExecuteInput,
         ExecuteOutput,
+        ExecutionSpec,
         MergeInput,
         MergeOutput,
         PauseState,
@@ -221,7 +223,7 @@ class StepWorkflow:
                 execution, evaluation = outcome
                 checkout = False
                 decision = decide(evaluation.confidence, spec.autonomy, self._rework_count,
-                                  spec.budgets.max_rework_cycles)
+                                  spec.max_rework_cycles)
             if decision is Decision.AWAIT_APPROVAL:
                 self._report(StepStatus.AWAITING_APPROVAL, evaluation, execution)
                 if self._input.park_for_decision:
@@ -260,7 +262,7 @@ class StepWorkflow:
                             data=merge.model_dump(mode="json"))
                 evaluation = merge_conflict_evaluation(merge.conflict_files, merge.message)
                 decision = decide(Confidence.RED, spec.autonomy, self._rework_count,
-                                  spec.budgets.max_rework_cycles)
+                                  spec.max_rework_cycles)
 
             if decision is Decision.REWORK:
                 self._rework_count += 1
@@ -275,7 +277,7 @@ class StepWorkflow:
                 continue
 
             return self._result(StepStatus.BLOCKED, evaluation, execution, reason=(
-                f"rework budget spent ({self._rework_count} of {spec.budgets.max_rework_cycles} cycles); "
+                f"rework budget spent ({self._rework_count} of {spec.max_rework_cycles} cycles); "
                 f"last evaluation: {evaluation.summary}"[: c.MAX_TEXT_IN_HISTORY]))
 
     async def _run_attempt(self, attempt: int, rework: ReworkContext | None,
@@ -332,7 +334,8 @@ class StepWorkflow:
         i = self._input
         return await workflow.execute_activity(
             ActivityName.EXECUTE_STEP.value,
-            ExecuteInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
+            ExecuteInput(directive_id=i.directive_id, generation=i.generation,
+                         spec=ExecutionSpec.of(i.spec),
                          step=i.step, attempt=attempt, integration_branch=i.integration_branch,
                          rework=rework),
             result_type=ExecuteOutput,
@@ -347,7 +350,8 @@ class StepWorkflow:
         i = self._input
         return await workflow.execute_activity(
             ActivityName.CHECKOUT_STEP.value,
-            CheckoutInput(directive_id=i.directive_id, generation=i.generation, spec=i.spec,
+            CheckoutInput(directive_id=i.directive_id, generation=i.generation,
+                          repository=i.spec.repository,
                           step=i.step.name, attempt=attempt,
                           integration_branch=i.integration_branch),
             result_type=ExecuteOutput,
@@ -377,7 +381,7 @@ class StepWorkflow:
                 return await workflow.execute_activity(
                     ActivityName.EVALUATE_STEP.value,
                     EvaluateInput(directive_id=i.directive_id, generation=i.generation,
-                                  spec=i.spec, step=i.step, attempt=attempt,
+                                  spec=EvaluationSpec.of(i.spec), step=i.step, attempt=attempt,
                                   integration_branch=i.integration_branch, execution=execution),
                     result_type=Evaluation,
                     task_queue=queue,
@@ -415,7 +419,8 @@ class StepWorkflow:
             ActivityName.EVALUATE_AND_MERGE_STEP.value,
             EvaluateMergeInput(
                 evaluate=EvaluateInput(directive_id=i.directive_id, generation=i.generation,
-                                       spec=i.spec, step=i.step, attempt=attempt,
+                                       spec=EvaluationSpec.of(i.spec), step=i.step,
+                                       attempt=attempt,
                                        integration_branch=i.integration_branch,
                                        execution=execution),
                 merge=merge),

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from makima.contracts import ReworkContext
+from makima.contracts import ExecutionSpec, ReworkContext
 from makima.errors import ExecutorError
-from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Usage
+from makima.models import ExecutorKind, PlannedStep, Usage
 
 #: Longest output tail an attempt hands back (it ends up in workflow history).
 OUTPUT_TAIL_CHARS = 4000
@@ -48,7 +48,7 @@ class Progress:
 @dataclass
 class ExecutionRequest:
     directive_id: str
-    spec: DirectiveSpec
+    spec: ExecutionSpec
     step: PlannedStep
     attempt: int  # 1-based
     worktree: Path

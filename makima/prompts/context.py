@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from makima.contracts import DirectiveContext
 from makima.models import DirectiveSpec
 
 
@@ -18,7 +19,7 @@ def _bullets(items: list[str], empty: str = "(none given)") -> str:
     return "\n".join(f"- {item}" for item in items) if items else empty
 
 
-def directive_context(spec: DirectiveSpec) -> str:
+def directive_context(spec: DirectiveSpec | DirectiveContext) -> str:
     repo = spec.repository
     return "\n".join([
         "<directive>",
@@ -41,7 +42,7 @@ def directive_context(spec: DirectiveSpec) -> str:
     ])
 
 
-def cached_context_block(spec: DirectiveSpec) -> dict[str, Any]:
+def cached_context_block(spec: DirectiveSpec | DirectiveContext) -> dict[str, Any]:
     """The directive context as a system block marked as a prompt-cache breakpoint:
     the tools, the instructions before it and the context itself are cached, so
     every evaluation of the directive's steps reads them from the cache."""
