@@ -90,9 +90,52 @@ def _only_queries(act: WorkflowActivation) -> bool:
                for job in act.jobs)
 
 
-class _Guarded(WorkflowInstance):
+class ForwardingInstance(WorkflowInstance):
+    """A workflow instance that hands everything to `inner`; subclasses override
+    `activate` to look at or change what passes."""
+
     def __init__(self, inner: WorkflowInstance) -> None:
         self._inner = inner
+
+    def activate(self, act: WorkflowActivation) -> WorkflowActivationCompletion:
+        return self._inner.activate(act)
+
+    def get_serialization_context(self, command_info: Any) -> Any:
+        return self._inner.get_serialization_context(command_info)
+
+    def get_external_store_context(self, command_info: Any) -> Any:
+        return self._inner.get_external_store_context(command_info)
+
+    def get_info(self) -> Any:
+        return self._inner.get_info()
+
+    def get_thread_id(self) -> int | None:
+        return self._inner.get_thread_id()
+
+
+class WrappingRunner(WorkflowRunner):
+    """A workflow runner (the SDK's sandboxed one unless given) whose instances are
+    wrapped by `wrap`."""
+
+    def __init__(self, inner: WorkflowRunner | None = None) -> None:
+        self._inner = inner or SandboxedWorkflowRunner()
+
+    def wrap(self, instance: WorkflowInstance) -> WorkflowInstance:
+        return instance
+
+    def prepare_workflow(self, defn: Any) -> None:
+        self._inner.prepare_workflow(defn)
+
+    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
+        return self.wrap(self._inner.create_instance(det))
+
+    def set_worker_level_failure_exception_types(self, types: Any) -> None:
+        self._inner.set_worker_level_failure_exception_types(types)
+
+
+class _Guarded(ForwardingInstance):
+    def __init__(self, inner: WorkflowInstance) -> None:
+        super().__init__(inner)
         self._length = 0  # the history length of the last task the workflow ran
         self._size = 0  # its history size and start time, as the activation said
         self._time = 0
@@ -143,30 +186,9 @@ class _Guarded(WorkflowInstance):
             self._speculative = False
         return completion
 
-    def get_serialization_context(self, command_info: Any) -> Any:
-        return self._inner.get_serialization_context(command_info)
 
-    def get_external_store_context(self, command_info: Any) -> Any:
-        return self._inner.get_external_store_context(command_info)
-
-    def get_info(self) -> Any:
-        return self._inner.get_info()
-
-    def get_thread_id(self) -> int | None:
-        return self._inner.get_thread_id()
-
-
-class QueryGuardRunner(WorkflowRunner):
+class QueryGuardRunner(WrappingRunner):
     """SandboxedWorkflowRunner whose instances undo what a query ran (see above)."""
 
-    def __init__(self, inner: WorkflowRunner | None = None) -> None:
-        self._inner = inner or SandboxedWorkflowRunner()
-
-    def prepare_workflow(self, defn: Any) -> None:
-        self._inner.prepare_workflow(defn)
-
-    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
-        return _Guarded(self._inner.create_instance(det))
-
-    def set_worker_level_failure_exception_types(self, types: Any) -> None:
-        self._inner.set_worker_level_failure_exception_types(types)
+    def wrap(self, instance: WorkflowInstance) -> WorkflowInstance:
+        return _Guarded(instance)

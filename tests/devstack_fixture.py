@@ -97,7 +97,10 @@ def _start_dev_once(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[s
             threading.Thread(target=lambda: [lines.append(x.rstrip("\n")) for x in
                                              process.stdout], daemon=True).start()
             return process, lines
-    stop_dev(process, lines)  # not ready in time, or exited: either way it has ended now
+    try:  # not ready in time, or exited: either way it has ended now
+        stop_dev(process, lines)
+    except AssertionError as err:  # start_dev reports it with everything dev printed
+        lines.append(str(err))
     return process, lines
 
 
@@ -109,33 +112,35 @@ def reported_pids(lines: list[str]) -> dict[str, int]:
 
 
 def stop_dev(process: subprocess.Popen[str], lines: list[str], home: Path | None = None) -> int:
-    """SIGTERM the dev process and wait, then kill by pid whatever it reported and left
-    running. After a clean exit nothing it started may be left: that raises (a test
-    that only checked "all gone" after this kill would hide `dev` leaking a server)."""
-    clean = True
+    """SIGTERM the dev process and wait; then kill by pid whatever it reported and left
+    running, and raise: `dev` must stop everything it started on SIGTERM, and a test
+    that only checked "all gone" after a quiet kill here would hide a leak."""
+    problems = []
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
-            clean = False
+            problems.append("did not exit within 30 s of SIGTERM (killed)")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
     pids = reported_pids(lines)
-    deadline = time.monotonic() + (10 if clean else 0)
+    deadline = time.monotonic() + 10
     while any(_pid_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = {name: pid for name, pid in pids.items() if _pid_alive(pid)}
+    if home is not None and "postgres" not in pids and running_embedded(home):
+        left["postgres"] = running_embedded(home)
+    if left:
+        problems.append(f"left {left} running (now killed by pid)")
     if "temporal" in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(left["temporal"], signal.SIGKILL)
-    postgres = pids.get("postgres") or (running_embedded(home) if home else None)
-    if postgres:
-        stop_embedded(postgres)
-    if clean and left:
-        raise AssertionError(f"makima dev exited {process.returncode} and left {left} "
-                             "running (now killed by pid)")
+    if "postgres" in left:
+        stop_embedded(left["postgres"])
+    if problems:
+        raise AssertionError(f"makima dev (exit {process.returncode}) " + "; ".join(problems))
     return process.returncode
 
 

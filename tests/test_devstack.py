@@ -56,7 +56,7 @@ def test_dev_stops_everything_on_sigterm() -> None:
         pids = reported_pids(lines)
         assert set(pids) == {"worker", "temporal", "postgres"}
     finally:
-        code = stop_dev(process, lines)  # SIGTERM first; kills by pid only what survived
+        code = stop_dev(process, lines)  # SIGTERM; raises if dev left anything running
     try:
         assert code == 0, "\n".join(lines)
         assert "makima dev: stopped" in lines

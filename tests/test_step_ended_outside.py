@@ -30,24 +30,20 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType as HistoryEvent
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.worker import (
-    WorkflowInstance,
-    WorkflowInstanceDetails,
-    WorkflowRunner,
-)
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.worker import WorkflowInstance
 
 from makima.models import DirectiveStatus
+from makima.query_guard import ForwardingInstance, WrappingRunner
 from tests.standins import StandIns, save_history, spec_of, status, step_status, wait_until
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
 
 
-class _Watched(WorkflowInstance):
+class _Watched(ForwardingInstance):
     """A workflow instance that shows every activation's completion to `seen`."""
 
     def __init__(self, inner: WorkflowInstance, seen: Callable[[Any, Any], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._seen = seen
 
     def activate(self, act: Any) -> Any:
@@ -55,35 +51,17 @@ class _Watched(WorkflowInstance):
         self._seen(self._inner.get_info(), completion)
         return completion
 
-    def get_serialization_context(self, command_info: Any) -> Any:
-        return self._inner.get_serialization_context(command_info)
 
-    def get_external_store_context(self, command_info: Any) -> Any:
-        return self._inner.get_external_store_context(command_info)
-
-    def get_info(self) -> Any:
-        return self._inner.get_info()
-
-    def get_thread_id(self) -> int | None:
-        return self._inner.get_thread_id()
-
-
-class WatchingRunner(WorkflowRunner):
+class WatchingRunner(WrappingRunner):
     """The SDK's sandboxed runner, with every completion shown to `seen` (in the
     worker's activation thread, before the completion goes to the server)."""
 
     def __init__(self, seen: Callable[[Any, Any], None]) -> None:
-        self._inner = SandboxedWorkflowRunner()
+        super().__init__()
         self._seen = seen
 
-    def prepare_workflow(self, defn: Any) -> None:
-        self._inner.prepare_workflow(defn)
-
-    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
-        return _Watched(self._inner.create_instance(det), self._seen)
-
-    def set_worker_level_failure_exception_types(self, types: Any) -> None:
-        self._inner.set_worker_level_failure_exception_types(types)
+    def wrap(self, instance: WorkflowInstance) -> WorkflowInstance:
+        return _Watched(instance, self._seen)
 
 
 async def _wait_for_event(handle: WorkflowHandle[Any, Any], kind: int,
