@@ -54,6 +54,7 @@ from makima.models import DirectiveSpec, Plan, PlannedStep
 from makima.store.embedded import start_embedded, stop_embedded
 from makima.store.pool import create_pool
 from tests.stack_fixture import DevServer, WorkerProcess, worker_processes
+from tests.standins import runs_of
 from worker import all_activities, build_worker, worker_queue_name
 from workflows.directive import DirectiveWorkflow
 
@@ -94,15 +95,7 @@ async def run_histories(client: Client, workflow_id: str) -> list[Any]:
     """Every run of a workflow (continue-as-new chains), oldest first."""
     handle = client.get_workflow_handle(workflow_id)
     first = (await handle.describe()).raw_description.workflow_execution_info
-    runs, run_id = [], first.first_run_id or first.execution.run_id
-    while run_id:
-        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
-        runs.append(history)
-        last = history.events[-1]
-        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                  if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                  else None)
-    return runs
+    return await runs_of(client, workflow_id, first.first_run_id or first.execution.run_id)
 
 
 async def children(client: Client, parents: list[Any]) -> dict[str, Any]:

@@ -407,17 +407,27 @@ def step_status(snapshot: DirectiveSnapshot, name: str) -> str:
     return next(s.status.value for s in snapshot.steps if s.name == name)
 
 
+async def runs_of(client: Client, workflow_id: str, run_id: str | None) -> list[Any]:
+    """Every run of a workflow from `run_id` on, along its continue-as-new chain."""
+    runs = []
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        runs.append(history)
+        last = history.events[-1]
+        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else None)
+    return runs
+
+
 async def save_history(handle: WorkflowHandle[Any, Any], client: Client, name: str) -> None:
     """With MAKIMA_RECORD_HISTORIES=1, keep the run's history as replay fixtures in
     tests/histories/: every run of a continued-as-new chain, and every step child."""
     if os.environ.get("MAKIMA_RECORD_HISTORIES") != "1":
         return
     HISTORIES.mkdir(exist_ok=True)
-    run_id = handle.first_execution_run_id or handle.result_run_id
-    index = 0
     children: list[tuple[str, str]] = []
-    while run_id:
-        history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+    runs = await runs_of(client, handle.id, handle.first_execution_run_id or handle.result_run_id)
+    for index, history in enumerate(runs):
         fixture = {"workflow_id": handle.id, "history": history.to_json_dict()}
         (HISTORIES / f"{name}-{index}.json").write_text(json.dumps(fixture))
         for event in history.events:
@@ -425,10 +435,6 @@ async def save_history(handle: WorkflowHandle[Any, Any], client: Client, name: s
                 started = event.child_workflow_execution_started_event_attributes
                 children.append((started.workflow_execution.workflow_id,
                                  started.workflow_execution.run_id))
-        last = history.events[-1]
-        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else None)
-        index += 1
     for number, (child_id, child_run) in enumerate(children):
         history = await client.get_workflow_handle(child_id, run_id=child_run).fetch_history()
         fixture = {"workflow_id": child_id, "history": history.to_json_dict()}

@@ -29,6 +29,7 @@ from makima.models import ApprovalDecision, DirectiveStatus, StepRef, StopReques
 from tests.standins import (
     StandIns,
     merge_gate,
+    runs_of,
     save_history,
     spec_of,
     start,
@@ -55,20 +56,6 @@ def low_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(makima.constants, "HISTORY_CHECKPOINT_EVENTS", 40)
 
 
-async def runs_of(client: Client, handle: WorkflowHandle[Any, Any]) -> list[Any]:
-    """Every run of the directive, first to last, along the continue-as-new chain."""
-    runs = []
-    run_id: str | None = handle.first_execution_run_id
-    while run_id:
-        history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-        runs.append(history)
-        last = history.events[-1]
-        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                  if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                  else None)
-    return runs
-
-
 async def refused_noise(handle: WorkflowHandle[Any, Any], step: str) -> None:
     """Messages that change nothing (a decision about an attempt nobody saw) but grow
     the history, as a client retrying a stale approval would."""
@@ -84,7 +71,7 @@ async def waits_across_a_checkpoint(client: Client, handle: WorkflowHandle[Any, 
     await refused_noise(handle, step)
     deadline = asyncio.get_running_loop().time() + 60
     while asyncio.get_running_loop().time() < deadline:
-        runs = await runs_of(client, handle)
+        runs = await runs_of(client, handle.id, handle.first_execution_run_id)
         if len(runs) > 1 and (await status(handle)).pending_approvals:
             return len(runs)
         await asyncio.sleep(0.1)

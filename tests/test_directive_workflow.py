@@ -29,6 +29,7 @@ from makima.models import (
 from tests.standins import (
     StandIns,
     plan_of,
+    runs_of,
     save_history,
     spec_of,
     start,
@@ -434,16 +435,8 @@ async def test_a_long_generation_continues_as_new_without_losing_or_repeating_st
         handle = await start(client, task_queue, spec)
         result = await handle.result()
         await save_history(handle, client, "checkpoint")
-        runs, lengths = 0, []
-        run_id = handle.first_execution_run_id
-        while run_id:
-            history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-            runs += 1
-            lengths.append(len(history.events))
-            last = history.events[-1]
-            run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                      if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                      else None)
+        histories = await runs_of(client, handle.id, handle.first_execution_run_id)
+        runs, lengths = len(histories), [len(h.events) for h in histories]
 
     assert result.status is DirectiveStatus.COMPLETED
     assert result.generation == 1, "a checkpoint is not a new generation"

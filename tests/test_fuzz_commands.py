@@ -114,7 +114,7 @@ from makima.models import (
 )
 from makima.query_guard import TASK_RETRY_MESSAGE
 from tests.stack_fixture import DevServer
-from tests.standins import StandIns, spec_of
+from tests.standins import StandIns, runs_of, spec_of
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
 from workflows.step import StepWorkflow
@@ -492,15 +492,9 @@ class Fuzz:
 
     async def _histories(self, handle: WorkflowHandle[Any, Any]) -> tuple[list[Any], list[Any]]:
         """Every run of the directive, in order, and every step child's history."""
-        runs, children = [], []
-        run_id: str | None = handle.first_execution_run_id or handle.run_id
-        while run_id:
-            history = await self.client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-            runs.append(history)
-            last = history.events[-1]
-            run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                      if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                      else None)
+        children = []
+        runs = await runs_of(self.client, handle.id, handle.first_execution_run_id or handle.run_id)
+        for history in runs:
             for event in history.events:
                 if event.HasField("child_workflow_execution_started_event_attributes"):
                     started = event.child_workflow_execution_started_event_attributes

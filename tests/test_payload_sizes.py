@@ -15,8 +15,7 @@ import pytest
 from temporalio.client import Client
 
 from makima.models import ApprovalDecision, DirectiveStatus
-from tests.standins import StandIns, spec_of, start, status, wait_until
-from tests.test_approval_checkpoint import runs_of
+from tests.standins import StandIns, runs_of, spec_of, start, status, wait_until
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
 
@@ -60,12 +59,12 @@ async def test_a_big_directive_stays_within_history_and_payload_limits(
         await wait_until(handle, lambda s: bool(s.pending_approvals), timeout=60)
         await signal_storm(handle, root)
         waiting = await status(handle)
-        while_waiting = await runs_of(client, handle)
+        while_waiting = await runs_of(client, handle.id, handle.first_execution_run_id)
         (pending,) = waiting.pending_approvals
         await handle.execute_update(DirectiveWorkflow.approve_step, ApprovalDecision(
             step=root, by="al", attempt=pending.attempt))
         result = await handle.result()
-        runs = await runs_of(client, handle)
+        runs = await runs_of(client, handle.id, handle.first_execution_run_id)
         children = [await client.get_workflow_handle(s.workflow_id).fetch_history()
                     for s in result.steps if s.workflow_id]
     assert result.status is DirectiveStatus.COMPLETED
