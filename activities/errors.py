@@ -5,7 +5,8 @@ a retryable LLM error's retry-after becomes the next retry delay. An error that
 was billed carries what it cost (`exc.usage`) and, for an answer that never
 validated, the model's raw text, as the first detail
 (`{"usage": {...}, "raw_text": ...}`), so the workflow's cost breaker counts
-every try, the failed ones included.
+every try, the failed ones included. An activity that does two things says in
+which one it failed there too (`"stage"`, e.g. evaluate_and_merge_step's merge).
 
 Every such failure is one makima expected (no credentials, a bad spec, a model
 that refused, a database that is down): the worker logs it as one line, and the
@@ -52,11 +53,14 @@ def expected_failure(message: str, *details: Any, type: str, non_retryable: bool
                             category=ApplicationErrorCategory.BENIGN)
 
 
-def application_error(exc: MakimaError) -> ApplicationError:
+def application_error(exc: MakimaError, *, stage: str | None = None) -> ApplicationError:
+    """`stage`: what an activity that does two things was doing (a `stage` detail)."""
     delay = None
     if isinstance(exc, LLMRetryableError) and exc.retry_after is not None:
         delay = timedelta(seconds=exc.retry_after)
     details = error_details(exc)
+    if stage is not None:
+        details["stage"] = stage
     return expected_failure(str(exc), *([details] if details else []), type=type(exc).__name__,
                             non_retryable=exc.non_retryable, next_retry_delay=delay)
 

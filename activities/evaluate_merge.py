@@ -17,18 +17,25 @@ What does not live here: the evaluation (activities/evaluation.py) and the merge
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import activity
 
 from activities.billing import usage_detail
-from activities.errors import translated_errors
+from activities.errors import application_error, translated_errors
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
 from activities.heartbeat import Heartbeat
-from makima.contracts import ActivityName, EvaluateMergeInput, EvaluateMergeOutput, MergeOutput
+from makima.contracts import (
+    MERGING,
+    ActivityName,
+    EvaluateMergeInput,
+    EvaluateMergeOutput,
+    MergeOutput,
+)
 from makima.errors import MakimaError
+from makima.models import Evaluation
 from makima.policy import passes_without_a_person
 
 
@@ -48,18 +55,26 @@ class EvaluateMergeActivities:
         if not passes_without_a_person(evaluation.score, spec.thresholds, spec.autonomy):
             return EvaluateMergeOutput(evaluation=evaluation)
         # a retry (this worker died mid-merge) starts from what the evaluation was billed
-        async with Heartbeat(lambda: ["merging", usage_detail(evaluation.usage)],
+        async with Heartbeat(lambda: [MERGING, usage_detail(evaluation.usage)],
                              self.execution.heartbeat_interval):
-            with translated_errors():
-                try:
-                    merge = await to_its_end(self.execution.merge(input.merge))
-                except MakimaError as exc:
-                    exc.usage = evaluation.usage  # the step's spend still counts it
-                    raise
+            merge = await merge_evaluated(self.execution.merge(input.merge), evaluation)
         return EvaluateMergeOutput(evaluation=evaluation, merge=merge)
 
 
-async def to_its_end(merge: Any) -> MergeOutput:
+async def merge_evaluated(merge: Awaitable[MergeOutput], evaluation: Evaluation) -> MergeOutput:
+    """The merge of an attempt that passed its evaluation, run to its end. Its failure
+    says it was the merge (the `stage` detail; the step's reason then names the merge
+    and git's message, not the evaluation) and carries what the evaluation was billed,
+    which the step's spend still counts."""
+    with translated_errors():
+        try:
+            return await to_its_end(merge)
+        except MakimaError as exc:
+            exc.usage = evaluation.usage
+            raise application_error(exc, stage=MERGING) from exc
+
+
+async def to_its_end(merge: Awaitable[MergeOutput]) -> MergeOutput:
     """Await the merge through any cancel: a cancel that arrives now is answered
     with the merge's outcome."""
     merging: asyncio.Future[MergeOutput] = asyncio.ensure_future(merge)

@@ -324,6 +324,12 @@ class EvaluateMergeInput(Model):
     merge: MergeInput
 
 
+#: What `evaluate_and_merge_step` was doing when it failed, when it was the merge: the
+#: `stage` detail of its error, and the first detail of its heartbeats while it merges
+#: (a try that timed out then). The step then says the merge failed, not the evaluation.
+MERGING = "merging"
+
+
 class EvaluateMergeOutput(Model):
     evaluation: Evaluation
     #: None when the policy did not pass the attempt (red, or yellow for a person)

@@ -25,7 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.billing import every_try_billed, usage_detail
 from activities.errors import translated_errors
-from activities.evaluate_merge import to_its_end
+from activities.evaluate_merge import merge_evaluated
 from makima.constants import EXECUTE_RETRY_POLICY
 from makima.contracts import (
     ActivityName,
@@ -49,7 +49,7 @@ from makima.contracts import (
     RecordInput,
     RecordOutput,
 )
-from makima.errors import ExecutorError
+from makima.errors import ExecutorError, MakimaError
 from makima.models import (
     Confidence,
     DirectiveSnapshot,
@@ -156,6 +156,8 @@ class StandIns:
     ran_on: list[tuple[str, str]] = field(default_factory=list)
     #: A merge asked to remove the worktrees says it could not.
     merge_keeps_worktrees: bool = False
+    #: Per step name: its merge fails with this error (as git's failures reach the merge).
+    failing_merges: dict[str, MakimaError] = field(default_factory=dict)
 
     def bill(self, directive_id: str, cost: float) -> Usage:
         self.billed[directive_id] = round(self.billed.get(directive_id, 0.0) + cost, 6)
@@ -300,7 +302,8 @@ class StandIns:
             if not passes_without_a_person(evaluation.score, spec.thresholds, spec.autonomy):
                 return EvaluateMergeOutput(evaluation=evaluation)
             return EvaluateMergeOutput(evaluation=evaluation,
-                                       merge=await to_its_end(merged(input.merge)))
+                                       merge=await merge_evaluated(merged(input.merge),
+                                                                   evaluation))
 
         async def wait_at(gate: Gate | None) -> None:
             if gate is not None:
@@ -313,7 +316,8 @@ class StandIns:
         async def merge_step(input: MergeInput) -> MergeOutput:
             s.calls.append((ActivityName.MERGE_STEP.value, input))
             s.ran_on.append((ActivityName.MERGE_STEP.value, activity.info().task_queue))
-            return await merged(input)
+            with translated_errors():
+                return await merged(input)
 
         async def merged(input: MergeInput) -> MergeOutput:
             gate = s.gates.get(merge_gate(input.step))
@@ -322,6 +326,8 @@ class StandIns:
                 while not gate.opened.is_set():
                     activity.heartbeat("waiting at the gate")
                     await asyncio.sleep(0.05)
+            if input.step in s.failing_merges:
+                raise s.failing_merges[input.step]
             if s.conflicts.get(input.step, 0) > 0:
                 s.conflicts[input.step] -= 1
                 return MergeOutput(merged=False, conflict_files=["shared.txt"],

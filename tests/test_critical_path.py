@@ -12,9 +12,11 @@ import asyncio
 import uuid
 from typing import Any
 
-from temporalio.client import Client
+import pytest
+from temporalio.client import Client, WorkflowFailureError
 
 from makima.contracts import ActivityName
+from makima.git import MissingBranch
 from makima.models import ApprovalDecision, DirectiveStatus, StopRequest
 from tests.standins import (
     StandIns,
@@ -170,3 +172,31 @@ async def test_a_stop_while_the_evaluation_merges_answers_once_the_merge_ended(
     assert "every step has ended" in answer.message
     assert result.status is DirectiveStatus.STOPPED
     assert step_status(result, "a") == "passed" and step_status(result, "b") == "pending"
+
+
+async def test_a_merge_that_fails_after_the_evaluation_says_the_merge_failed(
+        client: Client, task_queue: str) -> None:
+    # the attempt was evaluated green in the fused activity, then git refused the merge:
+    # the step's reason names the merge and git's message, not the evaluation
+    own = f"{task_queue}@worker-a"
+    refused = MissingBranch("commit 1234abcd of step a is not in the repository")
+    stand = routed_stand(own, failing_merges={"a": refused}, evaluate_cost=0.25)
+    activities = stand.activities()
+    async with build_worker(client, task_queue, activities), \
+            build_worker(client, own, activities, workflows=False):
+        handle = await start(client, task_queue, spec_of(("a", []), autonomy="full_auto",
+                                                         budgets={"max_chain_regenerations": 0}))
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 60)
+        result = await status(handle)
+
+    assert result.status is DirectiveStatus.FAILED
+    step = next(s for s in result.steps if s.name == "a")
+    assert step.reason.startswith(f"merging attempt 1 into makima/{handle.id} failed: ")
+    assert "commit 1234abcd of step a is not in the repository" in step.reason
+    assert "evaluation" not in step.reason
+    failed = [e for e in stand.events if e.type.value == "activity_failed"]
+    assert [e.data["activity"] for e in failed] == ["merge_step"]
+    assert stand.merged == []
+    # what the evaluation was billed still counts
+    assert result.cost_usd == pytest.approx(0.25)

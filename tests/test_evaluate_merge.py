@@ -1,6 +1,7 @@
 """`evaluate_and_merge_step` on real git repositories with the shell executor: an
 attempt that passes without a person is merged by its evaluation (and its
-worktrees removed there); one that needs a person or a rework is not; a cancel
+worktrees removed there); one that needs a person or a rework is not; a merge
+that fails says so; a cancel
 while the checks run merges nothing, and a cancel while the merge runs is
 answered with the merge's outcome."""
 
@@ -10,12 +11,14 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.evaluate_merge import EvaluateMergeActivities, to_its_end
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
 from makima.contracts import (
+    MERGING,
     EvaluateInput,
     EvaluateMergeInput,
     ExecuteInput,
@@ -140,3 +143,18 @@ async def test_a_cancel_while_merging_is_answered_with_the_merge() -> None:
     assert not merging.done(), "the merge was cut off"
     release.set()
     assert (await asyncio.wait_for(merging, 5)).merged
+
+
+async def test_a_merge_that_fails_says_it_was_the_merge(
+        fused: EvaluateMergeActivities, execution: ExecutionActivities, repo: Path) -> None:
+    request = await attempt(execution, repo, ["test -f hi.txt"])
+    # the attempt's commit is gone from the repository by the time it merges
+    gone = request.model_copy(update={"merge": request.merge.model_copy(
+        update={"commit": "0" * 40})})
+    with pytest.raises(ApplicationError) as failed:
+        await ActivityEnvironment().run(fused.evaluate_and_merge_step, gone)
+    assert failed.value.type == "MissingBranch" and failed.value.non_retryable
+    assert f"commit {'0' * 40} of step greet is not in the repository" in failed.value.message
+    assert failed.value.details[0]["stage"] == MERGING
+    assert "usage" in failed.value.details[0]  # what the evaluation was billed
+    assert not merged_file(repo, request)

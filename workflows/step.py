@@ -21,6 +21,7 @@ from temporalio.exceptions import ActivityError, CancelledError, TimeoutError, T
 with workflow.unsafe.imports_passed_through():
     from makima import constants as c
     from makima.contracts import (
+        MERGING,
         ActivityName,
         CheckoutInput,
         CleanupInput,
@@ -60,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
         merge_conflict_evaluation,
     )
     from workflows.event_log import EventLog
-    from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage
+    from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage, failed_while
 
 PROGRESS_SIGNAL = "step_progress"
 #: A cancelled step reports what it spent since its last report: a cancelled workflow
@@ -313,6 +314,10 @@ class StepWorkflow:
             except ActivityError as err:
                 _reraise_if_cancelled(err)
                 self._count_failed_try(err)
+                if failed_while(err, MERGING):  # evaluated, passed, and the merge failed
+                    return self._failed(
+                        f"merging attempt {attempt} into {self._input.integration_branch} "
+                        f"failed: {_cause(err)}", "merge_step", execution)
                 # never pass a step whose evaluation could not be made
                 return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
                                     "evaluate_step", execution)

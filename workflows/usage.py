@@ -50,6 +50,21 @@ def billed_usage(err: BaseException) -> Usage:
     return Usage()
 
 
+def failed_while(err: BaseException, stage: str) -> bool:
+    """Whether the activity behind `err` failed in `stage` (makima.contracts.MERGING):
+    its error's `stage` detail says so, or, for a try that timed out, the first
+    detail of its last heartbeat."""
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, ApplicationError) and current.details:
+            first = current.details[0]
+            return isinstance(first, dict) and first.get("stage") == stage
+        if isinstance(current, TimeoutError) and current.last_heartbeat_details:
+            return current.last_heartbeat_details[0] == stage
+        current = current.__cause__
+    return False
+
+
 def cause_of(err: BaseException) -> str:
     """The innermost cause's message: what a person reads about a failed call."""
     while err.__cause__ is not None:
