@@ -158,7 +158,7 @@ class ExecutionActivities:
         self.home = (home or makima_home()).resolve()
         self.heartbeat_interval = heartbeat_interval
         #: this worker's own task queue, where the attempts whose worktrees it holds
-        #: are evaluated and cleaned up (worker.py)
+        #: are evaluated, merged and cleaned up (worker.py)
         self.worker_queue = worker_queue
         self.executors = executors
         #: the directive's report, the body of the pull request `completion: pr` opens

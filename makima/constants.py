@@ -39,7 +39,7 @@ EVALUATE_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
 EVALUATE_RETRY_POLICY = PLAN_RETRY_POLICY
 
 #: How long an activity routed to the worker that holds an attempt's worktree
-#: (evaluate, cleanup) may wait for it: longer means that worker is gone, and the
+#: (evaluate-and-merge, merge, cleanup) may wait for it: longer means that worker is gone, and the
 #: attempt's commit is checked out on another worker instead.
 WORKTREE_SCHEDULE_TO_START = timedelta(seconds=60)
 

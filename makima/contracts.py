@@ -446,7 +446,7 @@ class StepInput(Model):
     reevaluate: bool = False
     first_attempt: int = 1
     rework_count: int = 0
-    #: The directive keeps approvals (DESIGN.md, "checkpoints"): at yellow the step
+    #: The directive keeps approvals (its carry: HeldDecision): at yellow the step
     #: returns `awaiting_approval` with its attempt, branch and commit instead of
     #: waiting, so no step workflow runs while a person decides.
     park_for_decision: bool = False

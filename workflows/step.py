@@ -7,6 +7,17 @@ instructions while rework cycles remain, else blocked. A merge conflict is a
 red result that names the files. Progress (status, attempt, score, spend) is
 reported to the parent directive with a signal so its `status` query and cost
 breaker stay current.
+
+The activities of one attempt, on today's path: `execute_step` on any worker;
+then, on the worker that holds its worktree, `evaluate_and_merge_step`, which
+evaluates and, when the policy passes the attempt without a person, merges it
+and removes the step's worktrees in the same activity (no workflow task between
+evaluation and merge). `merge_step` runs on its own for an attempt a person
+approved (on the worktree's worker, or on any when that one is gone);
+`evaluate_step` only where no worker queue is known (older runs); `cleanup_step`
+for worktrees no merge removed (a step that did not pass, or an earlier attempt
+on another worker). Under a directive, the step returns without writing its last
+events: its directive does (StepResult.unrecorded).
 """
 
 from __future__ import annotations
