@@ -11,6 +11,11 @@ worktree that a retry may merge. Two guards, both needed:
   left it no faster than they can fork. It passes every other signal's effect
   through: SIGTERM to the group (makima's own cancel) reaches the agent, and
   the watchdog waits for it and exits with its status.
+  In the sandbox (makima.sandbox) bubblewrap leads the group instead: its
+  `--die-with-parent` is the same `PR_SET_PDEATHSIG`, SIGKILL for bubblewrap and
+  the sandbox's first process, and every process the agent starts lives in the
+  sandbox's own PID namespace, which the kernel empties when that first process
+  dies; none can leave it. So no watchdog starts there (`run_confined`).
 - Each group is recorded in `$MAKIMA_HOME/agents/` with the worker's pid; a
   worker starting on that home reaps the groups whose worker is gone (a
   watchdog that was itself SIGKILLed, a host that froze rather than died).

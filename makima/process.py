@@ -222,13 +222,17 @@ async def run_process(
     timeout_seconds: float | None = None,
     tail_bytes: int = DEFAULT_TAIL_BYTES,
     on_start: Callable[[int], None] | None = None,
+    dies_with_worker: bool = False,
 ) -> ProcessResult:
     """Run `argv` in a new session (its own process group), stdin closed, stdout and
     stderr merged into one bounded tail. A timeout kills the group and returns
-    `exit_code=None, timed_out=True`; cancellation kills the group and re-raises."""
+    `exit_code=None, timed_out=True`; cancellation kills the group and re-raises.
+
+    The group dies with this worker: `argv` is led by the watchdog
+    (makima.lifeline), unless `dies_with_worker` says `argv` sees to that itself."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        *lifeline.guarded(argv),  # the group dies with this worker
+        *(argv if dies_with_worker else lifeline.guarded(argv)),
         cwd=str(cwd),
         env=dict(env) if env is not None else None,
         stdin=asyncio.subprocess.DEVNULL,
@@ -288,11 +292,16 @@ async def run_confined(
     """`run_process` for anything an agent or a plan chose: inside the sandbox
     (makima.sandbox), in the worktree, with `env` (build it with
     `agent_environment`). With MAKIMA_SANDBOX=off the process still gets the
-    allow-listed environment and a HOME of its own."""
+    allow-listed environment and a HOME of its own.
+
+    In the sandbox no watchdog leads the group: bubblewrap's `--die-with-parent`
+    has the kernel kill it when the worker dies, and everything the command starts
+    lives in the sandbox's own PID namespace, which dies with it (makima.lifeline).
+    That is one Python start-up fewer before every agent command and check."""
     if sandbox_enabled():
         return await run_process(confine(list(argv), confinement), cwd=confinement.worktree,
                                  env=env, timeout_seconds=timeout_seconds,
-                                 tail_bytes=tail_bytes)
+                                 tail_bytes=tail_bytes, dies_with_worker=True)
     with tempfile.TemporaryDirectory(prefix="makima-home-") as home:
         return await run_process(argv, cwd=confinement.worktree, env={**env, "HOME": home},
                                  timeout_seconds=timeout_seconds, tail_bytes=tail_bytes)

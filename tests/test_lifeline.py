@@ -1,6 +1,7 @@
 """Agents die with their worker: a worker process killed with SIGKILL takes its
-agent's whole process group with it, and a starting worker reaps the groups an
-earlier worker on its MAKIMA_HOME recorded and left behind. Real processes."""
+agent's whole process group with it (led by the watchdog, or in the sandbox by
+bubblewrap), and a starting worker reaps the groups an earlier worker on its
+MAKIMA_HOME recorded and left behind. Real processes, real bubblewrap."""
 
 from __future__ import annotations
 
@@ -48,11 +49,18 @@ def worker_like(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A process that runs an agent command through makima.process, as a worker does."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(command: str, home: Path) -> subprocess.Popen[bytes]:
+    def start(command: str, home: Path, *, confined: bool = False) -> subprocess.Popen[bytes]:
+        if confined:  # as the executors and checks run it: in the sandbox
+            run = (f"run_confined(['bash', '-c', {command!r}], "
+                   f"Confinement(Path({str(tmp_path)!r})), env=agent_environment())")
+        else:
+            run = f"run_process(['bash', '-c', {command!r}], cwd={str(tmp_path)!r})"
         script = textwrap.dedent(f"""
             import asyncio
-            from makima.process import run_process
-            asyncio.run(run_process(["bash", "-c", {command!r}], cwd={str(tmp_path)!r}))
+            from pathlib import Path
+            from makima.process import agent_environment, run_confined, run_process
+            from makima.sandbox import Confinement
+            asyncio.run({run})
         """)
         process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                                    env={**os.environ, "MAKIMA_HOME": str(home)})
@@ -84,6 +92,40 @@ def test_killed_worker_takes_the_agents_whole_group_with_it(
 
     assert wait_until(lambda: not any(alive(pid) for pid in agent), 10), (
         f"agent processes outlived their worker by 10 s: "
+        f"{[pid for pid in agent if alive(pid)]}")
+
+
+def sleeps_with(marker: str) -> list[int]:
+    """Pids of the `sleep <marker>` processes (those of a sandbox too, whose own pids
+    mean nothing outside it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"sleep", marker.encode()] and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_killed_worker_takes_its_sandboxed_agent_with_it(
+        tmp_path: Path, worker_like) -> None:  # type: ignore[no-untyped-def]
+    # no watchdog leads a sandboxed group: bubblewrap's --die-with-parent and the
+    # sandbox's PID namespace are what must take the agent, its background child, a
+    # grandchild and a process that left the group (setsid) with the worker
+    marker = f"{3000 + os.getpid() % 1000}.{time.monotonic_ns() % 10**6}"
+    command = (f"sleep {marker} & (sleep {marker} & wait) & setsid sleep {marker} & "
+               f"sleep {marker}")
+    worker = worker_like(command, tmp_path / "home", confined=True)
+    assert wait_until(lambda: len(sleeps_with(marker)) == 4, 20), "the agent did not start"
+    agent = sleeps_with(marker)
+
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+
+    assert wait_until(lambda: not any(alive(pid) for pid in agent), 10), (
+        f"sandboxed agent processes outlived their worker by 10 s: "
         f"{[pid for pid in agent if alive(pid)]}")
 
 
