@@ -197,6 +197,12 @@ class Changes:
     diff_stat: str
 
 
+#: The git directory of each `path` repository this process opened: every step
+#: activity opens its repository, and asking git again each time put a process on
+#: the path from one step's agent to the next. Checked (its HEAD file) on each use.
+_GIT_DIRS: dict[Path, Path] = {}
+
+
 class GitRepository:
     """One repository as makima sees it: where its objects live (`path`), whether
     branches go back to a remote (`pushes`), and the worker's folder (`home`)."""
@@ -215,12 +221,15 @@ class GitRepository:
             path = _absolute(repository.path)
             if not _is_dir(path):
                 raise NotARepository(f"repository path {path} does not exist or is not a folder")
-            probe = await git("rev-parse", "--path-format=absolute", "--git-common-dir",
-                              cwd=path, check=False)
-            if probe.code != 0:
-                raise NotARepository(f"{path} is not a git repository (git init it first)")
+            git_dir = _GIT_DIRS.get(path)
+            if git_dir is None or not _exists(git_dir / "HEAD"):
+                probe = await git("rev-parse", "--path-format=absolute", "--git-common-dir",
+                                  cwd=path, check=False)
+                if probe.code != 0:
+                    raise NotARepository(f"{path} is not a git repository (git init it first)")
+                git_dir = _GIT_DIRS[path] = Path(probe.stdout.strip())
             repository = cls(path, home)
-            repository._git_dir = Path(probe.stdout.strip())  # one git process fewer
+            repository._git_dir = git_dir  # one git process fewer
             return repository
         return await cls._open_clone(repository.url or "", home)
 
@@ -378,19 +387,18 @@ class GitRepository:
     # -- attempts
     async def commit_attempt(self, worktree: Path, message: str) -> str:
         """Commit everything in `worktree` (if anything changed, or a merge is under
-        way) and return HEAD."""
-        await self.run("add", "--all", cwd=worktree)
-        staged = await self.run("diff", "--cached", "--quiet", cwd=worktree, check=False)
-        if staged.code != 0 or await self._merging(worktree):
-            await self.run("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree,
-                           env=await self.identity_env())
-        head = await self.run("rev-parse", "HEAD", cwd=worktree)
-        return head.stdout.strip()
+        way) and return HEAD.
 
-    async def _merging(self, worktree: Path) -> bool:
-        merging = await self.run("rev-parse", "-q", "--verify", "MERGE_HEAD", cwd=worktree,
-                                 check=False)
-        return merging.code == 0
+        git itself says when there is nothing to commit (a merge under way is
+        committed even without changes), so no process asks first; and a detached
+        HEAD is read from the worktree's admin folder, not from another process."""
+        await self.run("add", "--all", cwd=worktree)
+        commit = await self.run("commit", "--quiet", "--no-verify", "-m", message,
+                                cwd=worktree, env=await self.identity_env(), check=False)
+        if commit.code != 0 and not _nothing_to_commit(commit):
+            raise GitError(f"git commit failed in {worktree}: "
+                           f"{(commit.stderr.strip() or commit.stdout.strip())[-2000:]}")
+        return await asyncio.to_thread(_detached_head, worktree) or await self._head(worktree)
 
     async def merge_into_worktree(self, worktree: Path, commit: str, message: str) -> list[str]:
         """For a rework whose step branch lags the integration branch: merge `commit`
@@ -503,6 +511,30 @@ class GitRepository:
             elif line == f"branch refs/heads/{branch}" and current is not None:
                 return current
         return None
+
+
+def _nothing_to_commit(result: GitResult) -> bool:
+    """`git commit` refused only because nothing changed (LC_ALL=C: git's words)."""
+    said = result.stdout
+    return result.code == 1 and any(words in said for words in (
+        "nothing to commit", "nothing added to commit", "no changes added to commit"))
+
+
+def _detached_head(worktree: Path) -> str | None:
+    """The commit a linked worktree's detached HEAD holds (its admin folder's HEAD
+    file, as gitrepository-layout(5) lays it out), or None (a branch checked out,
+    or anything unexpected: then ask git)."""
+    try:
+        with (worktree / ".git").open("rb") as pointer:
+            text = pointer.read(4096).decode(errors="replace").strip()
+        if not text.startswith("gitdir:"):
+            return None
+        admin = worktree / text.removeprefix("gitdir:").strip()
+        with (admin / "HEAD").open("rb") as head:
+            value = head.read(100).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return value if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value) else None
 
 
 def _registrations_of(admin: Path, worktree: Path) -> list[Path]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from makima.git import GitRepository, InvalidRefName, makima_home
+from makima.errors import GitError
+from makima.git import GitRepository, InvalidRefName, NotARepository, makima_home
 from makima.models import Repository
 from makima.process import run_process
 from tests.fakes.repos import make_repo, set_identity, sh, show
@@ -204,3 +205,50 @@ def test_names_passed_without_asking_git_are_names_git_accepts(tmp_path: Path) -
         git = subprocess.run(["git", "check-ref-format", "--branch", name], cwd=tmp_path,
                              capture_output=True)
         assert git.returncode == 0, f"{name!r} passes the fast path, but git refuses it"
+
+
+async def test_an_attempt_s_commit_is_its_worktree_s_head(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # commit_attempt reads a detached HEAD from the worktree's admin folder and asks
+    # git only otherwise: either way the answer is git's own HEAD
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo", {"a.txt": "a\n"})
+    repo = await GitRepository.open(Repository(path=str(repo_path)), tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    start = sh("git", "rev-parse", "HEAD", cwd=worktree)
+
+    assert await repo.commit_attempt(worktree, "nothing changed") == start
+    (worktree / "b.txt").write_text("b\n")
+    head = await repo.commit_attempt(worktree, "add b")
+    assert head != start and head == sh("git", "rev-parse", "HEAD", cwd=worktree)
+    assert sh("git", "log", "-1", "--format=%s", head, cwd=repo_path) == "add b"
+    # an agent that checked a branch out in its worktree
+    sh("git", "checkout", "-q", "-b", "agent-branch", cwd=worktree)
+    (worktree / "c.txt").write_text("c\n")
+    on_branch = await repo.commit_attempt(worktree, "add c")
+    assert on_branch == sh("git", "rev-parse", "agent-branch", cwd=repo_path) != head
+
+
+async def test_a_commit_git_refuses_fails_with_git_s_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo", {"a.txt": "a\n"})
+    repo = await GitRepository.open(Repository(path=str(repo_path)), tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    (worktree / "b.txt").write_text("b\n")
+    for number, (key, value) in enumerate({"commit.gpgSign": "true",
+                                           "gpg.program": "false"}.items()):
+        monkeypatch.setenv(f"GIT_CONFIG_KEY_{number}", key)
+        monkeypatch.setenv(f"GIT_CONFIG_VALUE_{number}", value)
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "2")
+    with pytest.raises(GitError, match="git commit failed in .*gpg failed to sign"):
+        await repo.commit_attempt(worktree, "add b")
+
+
+async def test_a_path_repository_replaced_by_a_folder_is_refused_again(tmp_path: Path) -> None:
+    # the git directory of an opened path repository is remembered, and checked
+    repo_path = make_repo(tmp_path / "repo")
+    await GitRepository.open(Repository(path=str(repo_path)), tmp_path / "home")
+    sh("rm", "-rf", str(repo_path / ".git"), cwd=tmp_path)
+    with pytest.raises(NotARepository, match="is not a git repository"):
+        await GitRepository.open(Repository(path=str(repo_path)), tmp_path / "home")
