@@ -371,15 +371,20 @@ class GitRepository:
 
     async def remove_worktree(self, path: Path) -> bool:
         """Remove the worktree at `path` and its registration, and nothing else
-        (idempotent); True when there was one."""
+        (idempotent); True when there was one.
+
+        What `git worktree remove --force --force` does, without a git process (one
+        fewer between a merge and the next step's agent): the folder, then its
+        registration (`<git dir>/worktrees/<name>`, found from the folder's `.git`
+        pointer, or, for a folder deleted by other means, by the path it records:
+        what `git worktree prune` would do for that one worktree)."""
+        admin = await self.git_dir() / "worktrees"
+        named = await asyncio.to_thread(_registration_named_by, path, admin)
         existed = _exists(path)
         if existed:
-            await self.run("worktree", "remove", "--force", "--force", str(path), check=False)
-            if _exists(path):
-                await _remove_tree(path)
-        # A folder deleted by other means leaves its registration behind: drop that
-        # one registration (what `git worktree prune` would do for every worktree).
-        admin = await self.git_dir() / "worktrees"
+            await _remove_tree(path)
+        if named is not None:
+            await _remove_tree(named)
         for registration in await asyncio.to_thread(_registrations_of, admin, path):
             await _remove_tree(registration)
         return existed
@@ -535,6 +540,20 @@ def _detached_head(worktree: Path) -> str | None:
     except OSError:
         return None
     return value if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value) else None
+
+
+def _registration_named_by(worktree: Path, admin: Path) -> Path | None:
+    """The registration a worktree's `.git` pointer names, when it is one of this
+    repository's (`admin` is `<git dir>/worktrees`): never a folder elsewhere."""
+    try:
+        with (worktree / ".git").open("rb") as pointer:
+            text = pointer.read(4096).decode(errors="replace").strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    named = (worktree / text.removeprefix("gitdir:").strip()).resolve()
+    return named if named.parent == admin.resolve() and named.is_dir() else None
 
 
 def _registrations_of(admin: Path, worktree: Path) -> list[Path]:

@@ -252,3 +252,27 @@ async def test_a_path_repository_replaced_by_a_folder_is_refused_again(tmp_path:
     sh("rm", "-rf", str(repo_path / ".git"), cwd=tmp_path)
     with pytest.raises(NotARepository, match="is not a git repository"):
         await GitRepository.open(Repository(path=str(repo_path)), tmp_path / "home")
+
+
+async def test_a_removed_worktree_leaves_git_nothing_to_prune_and_its_path_reusable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # removed without a git process: git must agree that it is gone
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    worktree = await repo.add_worktree(tmp_path / "home" / "wt", "main")
+    (worktree / "work.txt").write_text("uncommitted\n")
+    outside = tmp_path / "not-a-registration"
+    outside.mkdir()
+    other = await repo.add_worktree(tmp_path / "home" / "other", "main")
+    # a pointer that names a folder outside the repository's registrations
+    (other / ".git").write_text(f"gitdir: {outside}\n")
+
+    assert await repo.remove_worktree(worktree)
+    assert await repo.remove_worktree(other)
+
+    assert not worktree.exists() and outside.is_dir(), "removed what was not the worktree's"
+    assert str(worktree) not in sh("git", "worktree", "list", "--porcelain", cwd=repo_path)
+    assert sh("git", "worktree", "prune", "--dry-run", "--verbose", cwd=repo_path) == ""
+    assert await repo.add_worktree(worktree, "main") == worktree
+    assert sh("git", "status", "--porcelain", cwd=worktree) == ""
