@@ -306,9 +306,10 @@ class ExecutionActivities:
                 "output_tail": truncate_tail(result.output_tail, MAX_TEXT_IN_HISTORY),
                 "session_id": session_id, "usage": result.usage.model_dump(mode="json")}))
         async with repo.lock():
-            await repo.set_branch(branch, head)
-            await repo.push_branch(branch, force=True)
-            changes = await repo.describe(integration_head, head)
+            # publishing the commit and describing it need nothing of each other: at
+            # once, on the path from this agent to the next step's
+            _, changes = await asyncio.gather(self._publish(repo, branch, head),
+                                              repo.describe(integration_head, head))
             # No commit when the integration branch holds all of it already (nothing
             # to evaluate or merge); a rework that changed nothing still hands back
             # the previous attempt's unmerged commit. A try that started on the
@@ -330,6 +331,12 @@ class ExecutionActivities:
             usage=result.usage,
             worker_queue=self.worker_queue,
         )
+
+    @staticmethod
+    async def _publish(repo: GitRepository, branch: str, head: str) -> None:
+        """The step branch at the attempt's commit, here and on the remote."""
+        await repo.set_branch(branch, head)
+        await repo.push_branch(branch, force=True)
 
     async def _adopt_finished(self, repo: GitRepository, input: ExecuteInput, branch: str,
                               integration_head: str, worktree: Path) -> ExecuteOutput | None:

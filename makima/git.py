@@ -428,8 +428,9 @@ class GitRepository:
 
     async def describe(self, base: str, head: str) -> Changes:
         """Files changed and a diff stat of `head` against its merge base with `base`."""
-        names = await self.run("diff", "--name-only", f"{base}...{head}")
-        stat = await self.run("diff", "--stat=100", f"{base}...{head}")
+        names, stat = await asyncio.gather(  # two processes at once: both only read
+            self.run("diff", "--name-only", f"{base}...{head}"),
+            self.run("diff", "--stat=100", f"{base}...{head}"))
         files = [line for line in names.stdout.splitlines() if line]
         return Changes(files, stat.stdout.strip()[-3000:])
 
