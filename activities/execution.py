@@ -51,7 +51,7 @@ from makima.contracts import (
     integration_branch,
     step_branch,
 )
-from makima.errors import MakimaError
+from makima.errors import GitError, MakimaError
 from makima.executors import ExecutionRequest, Executor, Progress, executor_for
 from makima.git import (
     GitRepository,
@@ -422,11 +422,16 @@ class ExecutionActivities:
                 removed_worktrees=await self._removed_after_merge(repo, input))
         async with repo.lock(f"directive-{input.directive_id}"), repo.lock():
             await repo.fetch_branch(input.branch)
-            if await repo.resolve(input.commit) is None:
-                raise MissingBranch(f"commit {input.commit} of step {input.step} is not in the "
-                                    f"repository (branch {input.branch})")
-            result = await repo.publish_merge(target, input.commit, (
-                f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
+            try:
+                result = await repo.publish_merge(target, input.commit, (
+                    f"makima: merge step {input.step} (attempt {input.attempt}) into {target}"))
+            except GitError:
+                # asked only now: on the path to the next step, a merge that works
+                # spends no process on it
+                if await repo.resolve(input.commit) is None:
+                    raise MissingBranch(f"commit {input.commit} of step {input.step} is not in "
+                                        f"the repository (branch {input.branch})") from None
+                raise
         if not result.merged:
             files = ", ".join(result.conflict_files) or "(git named no file)"
             return MergeOutput(merged=False, commit=result.head,

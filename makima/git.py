@@ -467,7 +467,9 @@ class GitRepository:
             tree = await self.run("merge-tree", "--write-tree", "--name-only", "--no-messages",
                                   head, source_commit, check=False)
             lines = tree.stdout.splitlines()
-            if tree.code == 1:
+            # a conflict is exit 1 with the merged tree first; exit 1 without a tree
+            # is git refusing the merge itself (e.g. a commit it does not have)
+            if tree.code == 1 and lines and _OBJECT_ID.fullmatch(lines[0]):
                 return MergeResult(False, head, [line for line in lines[1:] if line])
             if tree.code != 0 or not lines:
                 raise GitError(f"git merge-tree failed: {tree.stderr.strip()}"
@@ -519,6 +521,9 @@ class GitRepository:
         return None
 
 
+_OBJECT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
 def _nothing_to_commit(result: GitResult) -> bool:
     """`git commit` refused only because nothing changed (LC_ALL=C: git's words)."""
     said = result.stdout
@@ -540,7 +545,7 @@ def _detached_head(worktree: Path) -> str | None:
             value = head.read(100).decode(errors="replace").strip()
     except OSError:
         return None
-    return value if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value) else None
+    return value if _OBJECT_ID.fullmatch(value) else None
 
 
 def _registration_named_by(worktree: Path, admin: Path) -> Path | None:

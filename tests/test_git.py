@@ -276,3 +276,15 @@ async def test_a_removed_worktree_leaves_git_nothing_to_prune_and_its_path_reusa
     assert sh("git", "worktree", "prune", "--dry-run", "--verbose", cwd=repo_path) == ""
     assert await repo.add_worktree(worktree, "main") == worktree
     assert sh("git", "status", "--porcelain", cwd=worktree) == ""
+
+
+async def test_merging_a_commit_the_repository_lacks_fails_instead_of_conflicting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # git merge-tree exits 1 both for a conflict and for a merge it refuses; only the
+    # first names a tree (a refused merge read as a conflict sent the step to rework)
+    set_identity(monkeypatch)
+    repo_path = make_repo(tmp_path / "repo")
+    repo = GitRepository(repo_path, tmp_path / "home")
+    with pytest.raises(GitError, match="not something we can merge"):
+        await repo.merge("main", "1234567890" * 4, "merge a commit that is not here")
+    assert sh("git", "rev-list", "--count", "main", cwd=repo_path) == "1"
