@@ -13,11 +13,16 @@ try's last heartbeat details to the next try, though. So a billing activity
   succeeds, in its error's `usage` (and so in the `ApplicationError`'s details,
   activities/errors.py) when it fails; a try that failed with a heartbeat or
   start-to-close timeout leaves it in the timeout's last heartbeat details,
-  which workflows/usage.py reads.
+  which workflows/usage.py reads;
+- when the workflow cancels it (a stop), reports the total too: a call in flight
+  answers first (makima/llm/client.py), and the activity ends with `Cancelled`
+  carrying the total instead of a plain cancel, whose details the SDK drops
+  (`cancelled_after`). The workflow waits for that end (workflows/step.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,8 +30,9 @@ from typing import Any
 from pydantic import ValidationError
 from temporalio import activity
 
+from activities.errors import cancel_asked
 from activities.heartbeat import Heartbeat
-from makima.errors import MakimaError
+from makima.errors import Cancelled, MakimaError
 from makima.models import Usage
 
 
@@ -67,4 +73,18 @@ def every_try_billed() -> Iterator[Usage]:
             total = exc.usage = earlier + (exc.usage or Usage())
         if total != Usage():
             Heartbeat(lambda: [usage_detail(total)]).beat()
+        if isinstance(exc, asyncio.CancelledError):
+            stopped = cancelled_after(total)
+            if stopped is not None:
+                raise stopped from None
         raise
+
+
+def cancelled_after(billed: Usage | None) -> Cancelled | None:
+    """What a billing activity raises instead of a plain cancel when the workflow
+    asked it to stop after it was billed `billed`; None when nothing was billed
+    (a plain cancel says it all) or the cancel is not the workflow's (a worker
+    shutting down: the next try starts from the last heartbeat)."""
+    if not billed or billed == Usage() or not cancel_asked():
+        return None
+    return Cancelled("cancelled by its workflow (a stop, or its step cancelled)", billed)

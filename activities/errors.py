@@ -26,7 +26,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from makima.constants import MAX_TEXT_IN_HISTORY
-from makima.errors import LLMRetryableError, MakimaError
+from makima.errors import Cancelled, LLMRetryableError, MakimaError
 
 
 def error_details(exc: MakimaError) -> dict[str, Any]:
@@ -65,20 +65,45 @@ def application_error(exc: MakimaError, *, stage: str | None = None) -> Applicat
                             non_retryable=exc.non_retryable, next_retry_delay=delay)
 
 
+def cancel_asked() -> bool:
+    """The workflow asked the running activity to stop (a stop, its step cancelled):
+    not a worker shutting down, nor a workflow that is gone."""
+    why = activity.cancellation_details() if activity.in_activity() else None
+    return why is not None and why.cancel_requested
+
+
 @contextlib.contextmanager
 def translated_errors() -> Iterator[None]:
     """Makima's errors as ApplicationError; and a cancellation that no one asked
     for, because the workflow that wanted the work has already ended (a step
-    stopped mid-run: the server no longer knows the activity), as one line too."""
+    stopped mid-run: the server no longer knows the activity), as one line too.
+
+    A `Cancelled` (the work stopped after it was billed) goes to the workflow that
+    asked for the cancel as an ApplicationError carrying that usage; on any other
+    cancel (a worker shutting down) it is a plain cancel again, and the next try
+    starts from the usage in the last heartbeat (activities/billing.py)."""
     try:
         yield
+    except Cancelled as exc:
+        if cancel_asked():
+            raise application_error(exc) from exc
+        raise (_abandoned() or asyncio.CancelledError(str(exc))) from exc
     except MakimaError as exc:
         raise application_error(exc) from exc
     except asyncio.CancelledError:
-        why = activity.cancellation_details() if activity.in_activity() else None
-        if why is None or not (why.not_found or why.timed_out):
+        abandoned = _abandoned()
+        if abandoned is None:
             raise  # asked for (a cancel, a worker shutting down): the SDK reports it
-        raise expected_failure(
-            "cancelled: the workflow that asked for this has ended or moved on "
-            f"({'it is gone' if why.not_found else 'it timed out'})",
-            type="ActivityAbandoned", non_retryable=True) from None
+        raise abandoned from None
+
+
+def _abandoned() -> ApplicationError | None:
+    """The failure for a cancel because the workflow that wanted the work has ended or
+    moved on; None for any other cancel."""
+    why = activity.cancellation_details() if activity.in_activity() else None
+    if why is None or not (why.not_found or why.timed_out):
+        return None
+    return expected_failure(
+        "cancelled: the workflow that asked for this has ended or moved on "
+        f"({'it is gone' if why.not_found else 'it timed out'})",
+        type="ActivityAbandoned", non_retryable=True)

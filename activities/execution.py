@@ -10,7 +10,8 @@ name, non-retryable where a retry cannot help).
 agent reports progress) with `{elapsed_seconds, turns, last_tool, session_id,
 ...}`; a retry of the same attempt reads the session id back from
 `activity.info().heartbeat_details` and resumes it. Cancellation kills the
-agent's whole process group within seconds. Call it with
+agent's whole process group within seconds, and reports what the attempt was
+billed until then (activities/billing.py). Call it with
 `start_to_close_timeout=EXECUTE_TIMEOUT` and
 `heartbeat_timeout=AGENT_HEARTBEAT_TIMEOUT` (makima.constants), and run the
 worker with `max_heartbeat_throttle_interval` of a few seconds so a cancel
@@ -30,7 +31,7 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.billing import usage_in
+from activities.billing import cancelled_after, usage_in
 from activities.errors import translated_errors
 from activities.heartbeat import HEARTBEAT_INTERVAL_SECONDS, Heartbeat
 from makima.completion import ReportSource, complete
@@ -216,6 +217,12 @@ class ExecutionActivities:
                     progress.usage = exc.usage
                     heartbeat.beat()
                     raise
+                except asyncio.CancelledError:
+                    # a stop between two calls (a tool running): the turns so far
+                    stopped = cancelled_after(progress.usage)
+                    if stopped is None:
+                        raise
+                    raise stopped from None
 
     async def _execute(self, input: ExecuteInput, state: _AttemptProgress,
                        heartbeat: Heartbeat) -> ExecuteOutput:

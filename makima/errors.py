@@ -9,7 +9,8 @@
     ├── GitError           a git command failed
     │   └── MergeConflict       carries the conflicting files
     ├── ExecutorError      the agent could not be run at all
-    └── StoreError         the read model could not be read or written
+    ├── StoreError         the read model could not be read or written
+    └── Cancelled          the workflow cancelled the work (a stop); carries what it was billed
 
 Activities translate these into `ApplicationError` in one place
 (`activities/errors.py`): `type` set to the class name, `non_retryable` where a
@@ -18,6 +19,11 @@ detail, so the cost breaker counts failed tries too.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from makima.models import Usage
 
 
 class MakimaError(Exception):
@@ -76,3 +82,17 @@ class ExecutorError(MakimaError):
 
 class StoreError(MakimaError):
     pass
+
+
+class Cancelled(MakimaError):
+    """The workflow asked the work to stop (a stop, its step cancelled) after it was
+    billed: raised instead of asyncio's CancelledError so that `usage` (what it was
+    billed until then, the call that was in flight included) reaches the workflow.
+    Temporal's SDK reports a cancelled activity without details (temporalio 1.35
+    sends `CancelledError("Cancelled")`), so a plain cancel would lose it."""
+
+    non_retryable = True
+
+    def __init__(self, message: str, usage: Usage) -> None:
+        super().__init__(message)
+        self.usage = usage

@@ -6,6 +6,11 @@ next scripted reply; every request body and its headers are kept so a test can
 assert on what makima sent. When the script runs dry the server answers 500
 with a message saying so, which fails the test loudly instead of hanging.
 
+A reply is billed once it has been generated (a `slow` reply: after its
+generation time), whether or not the client is still there to read it: a client
+that hangs up mid-call is billed all the same, as a conservative model of the
+real API, which goes on generating an answer whose caller has gone.
+
     with MessagesServer() as server:
         server.script(text_reply("hello"), error_reply(429, headers={"retry-after": "1"}))
         client = AsyncAnthropic(base_url=server.base_url, api_key="test", max_retries=0)
@@ -94,6 +99,15 @@ def error_reply(status: int, message: str = "", *, headers: dict[str, str] | Non
 
 
 Responder = Callable[[ReceivedRequest], Reply]
+
+
+def slow(reply: Reply, seconds: float) -> Responder:
+    """`reply`, generated (and billed) `seconds` after the request arrived: a call that
+    is in flight that long."""
+    def generate(request: ReceivedRequest) -> Reply:
+        time.sleep(seconds)
+        return reply
+    return generate
 
 
 def sse_events(message: dict[str, Any]) -> bytes:
@@ -212,6 +226,8 @@ class MessagesServer:
         self.billed: list[tuple[str, dict[str, Any]]] = []
         self._script: list[Reply | Responder] = []
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -225,6 +241,22 @@ class MessagesServer:
     def remaining(self) -> int:
         with self._lock:
             return len(self._script)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being answered (every call in flight was generated
+        and billed); False after `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _answer(self, request: ReceivedRequest) -> Reply:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._next(request)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
 
     def _next(self, request: ReceivedRequest) -> Reply:
         with self._lock:
@@ -271,7 +303,7 @@ class MessagesServer:
                 if not self.path.startswith("/v1/messages"):
                     reply = error_reply(404, f"unknown path {self.path}")
                 else:
-                    reply = server._next(request)
+                    reply = server._answer(request)
                 streamed = reply.status == 200 and bool(body.get("stream"))
                 payload = sse_events(reply.body) if streamed else json.dumps(reply.body).encode()
                 self.send_response(reply.status)

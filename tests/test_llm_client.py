@@ -7,6 +7,7 @@ retried by a real worker on the Temporal test server.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -17,9 +18,10 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+import makima.llm.client
 from activities.planning import PlanningActivities
 from makima.contracts import ActivityName, PlanInput, PlanOutput
-from makima.errors import LLMFatalError, LLMRetryableError
+from makima.errors import Cancelled, LLMFatalError, LLMRetryableError
 from makima.llm.client import (
     DEFAULT_EVALUATOR_MODEL,
     DEFAULT_PLANNER_MODEL,
@@ -27,8 +29,9 @@ from makima.llm.client import (
     llm_from_env,
     retry_after_seconds,
 )
-from makima.models import DirectiveSpec, ModelChoice, Repository
-from tests.messages_server import MessagesServer, error_reply, tool_reply
+from makima.llm.pricing import usage_from_api
+from makima.models import DirectiveSpec, ModelChoice, Repository, Usage
+from tests.messages_server import MessagesServer, error_reply, slow, text_reply, tool_reply, usage
 
 VALID_PLAN = {"steps": [{"name": "write-readme", "description": "a readme",
                          "task_plan": "Write README.md describing the project."}],
@@ -215,3 +218,41 @@ async def test_fatal_error_is_not_retried_by_temporal(
     assert isinstance(caught.value.cause, ActivityError)
     assert "ANTHROPIC_API_KEY is missing or invalid" in str(caught.value.cause.cause)
     assert len(messages_server.requests) == 1
+
+
+# --------------------------------------------------------------------------- a cancel mid-call
+
+
+async def cancelled_mid_call(llm: LLMClient, server: MessagesServer) -> Cancelled:
+    """Cancel a call as soon as the server has it; the error the caller gets."""
+    call = asyncio.ensure_future(llm.create_message(
+        model="claude-test", max_tokens=100, messages=[{"role": "user", "content": "hi"}]))
+    for _ in range(1000):
+        if server.requests:
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(Cancelled) as caught:
+        await call
+    return caught.value
+
+
+async def test_a_call_in_flight_at_a_cancel_is_waited_for_and_its_billing_reported(
+        llm: LLMClient, messages_server: MessagesServer) -> None:
+    messages_server.script(slow(text_reply("hello", used=usage(1000, 100)), 0.5))
+    stopped = await cancelled_mid_call(llm, messages_server)
+    assert "its answer was billed and is counted" in str(stopped)
+    assert stopped.usage == usage_from_api("claude-test", messages_server.billed[0][1])
+    assert stopped.usage.input_tokens == 1000
+
+
+async def test_a_call_that_does_not_answer_within_the_grace_is_abandoned_and_said_so(
+        llm: LLMClient, messages_server: MessagesServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(makima.llm.client, "CANCEL_GRACE_SECONDS", 0.2)
+    messages_server.script(slow(text_reply("late", used=usage(1000, 100)), 2.0))
+    stopped = await cancelled_mid_call(llm, messages_server)
+    assert "was abandoned, so what it is billed is not counted" in str(stopped)
+    assert stopped.usage == Usage()
+    assert messages_server.wait_idle(10) and len(messages_server.billed) == 1, (
+        "the server billed it all the same: the limit README names")

@@ -72,7 +72,12 @@ with workflow.unsafe.imports_passed_through():
         merge_conflict_evaluation,
     )
     from workflows.event_log import EventLog
-    from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage, failed_while
+    from workflows.usage import (
+        COUNT_CANCELLED_CALLS_PATCH,
+        COUNT_FAILED_TRIES_PATCH,
+        billed_usage,
+        failed_while,
+    )
 
 PROGRESS_SIGNAL = "step_progress"
 #: A cancelled step reports what it spent since its last report: a cancelled workflow
@@ -98,6 +103,13 @@ def _reraise_if_cancelled(err: ActivityError) -> None:
     as cancelled, not as a failed step."""
     if isinstance(err.cause, CancelledError):
         raise asyncio.CancelledError(str(err.cause))
+
+
+def _cancellation(waits: bool) -> workflow.ActivityCancellationType:
+    """How a cancel of the step reaches a billing activity: WAIT_CANCELLATION_COMPLETED
+    lets its end, which says what it was billed, reach the step (see `_billed`)."""
+    return (workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED if waits
+            else workflow.ActivityCancellationType.TRY_CANCEL)
 
 
 def _worker_gone(err: ActivityError) -> bool:
@@ -313,6 +325,8 @@ class StepWorkflow:
             return self._failed(f"the agent could not run attempt {attempt}: {_cause(err)}",
                                 "execute_step")
         self._usage += execution.usage
+        if self._cancel_asked:  # it finished as the stop came: the stop holds
+            raise asyncio.CancelledError("cancelled as the agent finished")
         self._event(EventType.ATTEMPT_FINISHED,
                     f"attempt {attempt} {'finished' if execution.success else 'failed'}",
                     data=_trimmed(execution))
@@ -333,6 +347,9 @@ class StepWorkflow:
                 return self._failed(f"evaluation of attempt {attempt} failed: {_cause(err)}",
                                     "evaluate_step", execution)
             self._usage += evaluation.usage
+            merged = self._merged_with_evaluation
+            if self._cancel_asked and not (merged and merged.merged):
+                raise asyncio.CancelledError("cancelled as the evaluation finished")
         else:
             evaluation = failed_execution_evaluation(
                 execution.exit_code, execution.output_tail, execution.summary
@@ -348,7 +365,8 @@ class StepWorkflow:
     async def _execute(self, attempt: int, rework: ReworkContext | None) -> ExecuteOutput:
         self._log.flush()
         i = self._input
-        return await workflow.execute_activity(
+        waits = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
+        return await self._billed(waits, workflow.start_activity(
             ActivityName.EXECUTE_STEP.value,
             ExecuteInput(directive_id=i.directive_id, generation=i.generation,
                          spec=ExecutionSpec.of(i.spec),
@@ -358,8 +376,9 @@ class StepWorkflow:
             start_to_close_timeout=c.EXECUTE_TIMEOUT,
             heartbeat_timeout=c.AGENT_HEARTBEAT_TIMEOUT,
             retry_policy=c.EXECUTE_RETRY_POLICY,
+            cancellation_type=_cancellation(waits),
             summary=f"{i.step.name}: attempt {attempt}",
-        )
+        ))
 
     async def _checkout(self, attempt: int) -> ExecuteOutput:
         self._log.flush()
@@ -394,7 +413,8 @@ class StepWorkflow:
             try:
                 if queue is not None and workflow.patched(EVALUATE_AND_MERGE):
                     return await self._evaluate_and_merge(queue, attempt, execution)
-                return await workflow.execute_activity(
+                waits = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
+                return await self._billed(waits, workflow.start_activity(
                     ActivityName.EVALUATE_STEP.value,
                     EvaluateInput(directive_id=i.directive_id, generation=i.generation,
                                   spec=EvaluationSpec.of(i.spec), step=i.step, attempt=attempt,
@@ -405,8 +425,9 @@ class StepWorkflow:
                     start_to_close_timeout=c.EVALUATE_TIMEOUT,
                     heartbeat_timeout=c.EVALUATE_HEARTBEAT_TIMEOUT,
                     retry_policy=c.EVALUATE_RETRY_POLICY,
+                    cancellation_type=_cancellation(waits),
                     summary=f"{i.step.name}: evaluate attempt {attempt}",
-                )
+                ))
             except ActivityError as err:
                 if queue is None or not _worker_gone(err):
                     raise
@@ -449,22 +470,46 @@ class StepWorkflow:
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"{i.step.name}: evaluate attempt {attempt}, merge if it passes",
         )
+        counts = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
+        done = await self._billed(counts, running, waits=True)
+        if done.merge is not None and done.merge.removed_worktrees:
+            self._worktree_queues.remove(queue)
+            self._removed_by_merge = True
+        if self._cancel_asked and not (done.merge and done.merge.merged):
+            if counts:  # evaluated, but not merged: its judge was billed all the same
+                self._usage += done.evaluation.usage
+            raise asyncio.CancelledError("cancelled while evaluating")
+        self._merged_with_evaluation = done.merge
+        return done.evaluation
+
+    async def _billed(self, counts: bool, running: workflow.ActivityHandle[Any], *,
+                      waits: bool | None = None) -> Any:
+        """The outcome of a billing activity (execute, evaluate, evaluate-and-merge)
+        started with `_cancellation(waits)` (`waits` defaults to `counts`).
+
+        A cancel of this step (a stop) asks the activity to stop and waits for its end:
+        an outcome that arrived together with the cancel is returned, and the cancel
+        holds after it (`_cancel_asked`, see `_run_attempt`). With `counts`, an end
+        by the cancel adds what the activity was billed until then (its `Cancelled`
+        failure carries it, the call that was in flight included: activities/billing.py)
+        to the step's spend, and ends the step cancelled."""
+        if not (counts if waits is None else waits):
+            return await running
         try:
-            done = await asyncio.shield(running)
+            return await asyncio.shield(running)
         except asyncio.CancelledError:
             self._cancel_asked = True
             # an outcome that arrived together with the cancel is taken, not cancelled
             await workflow.wait_condition(lambda: True)
             if not running.done():
                 running.cancel()
-            done = await running  # raises the activity's cancellation when it stopped
-        if done.merge is not None and done.merge.removed_worktrees:
-            self._worktree_queues.remove(queue)
-            self._removed_by_merge = True
-        if self._cancel_asked and not (done.merge and done.merge.merged):
-            raise asyncio.CancelledError("cancelled while evaluating")
-        self._merged_with_evaluation = done.merge
-        return done.evaluation
+            if not counts:
+                return await running  # raises the activity's cancellation when it stopped
+            try:
+                return await running
+            except ActivityError as err:
+                self._usage += billed_usage(err)
+                raise asyncio.CancelledError(f"cancelled: {_cause(err)}") from None
 
     async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
         self._log.flush()

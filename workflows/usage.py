@@ -5,7 +5,11 @@ its ApplicationError (`{"usage": {...}, ...}`); a failed activity or child
 workflow reaches the workflow wrapped in ActivityError / ChildWorkflowError with
 that ApplicationError somewhere in its chain of causes. An activity whose last
 try timed out (its worker died) left what all its tries were billed in that
-try's last heartbeat (activities/billing.py), which the TimeoutError carries.
+try's last heartbeat (activities/billing.py), which the TimeoutError carries. An
+activity the workflow cancelled (a stop) ends with a `Cancelled` ApplicationError
+carrying what it was billed until then. One cancelled between two tries carries
+nothing: the server records "ACTIVITY_ID_NOT_STARTED", not the last heartbeat
+(README, known limits).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ with workflow.unsafe.imports_passed_through():
 COUNT_FAILED_TRIES_PATCH = "count-failed-tries"
 #: So does counting what a timed-out try's last heartbeat says was billed.
 COUNT_TIMED_OUT_TRIES_PATCH = "count-timed-out-tries"
+#: And waiting for a cancelled billing activity's end, which says what it was billed.
+COUNT_CANCELLED_CALLS_PATCH = "count-cancelled-calls"
 
 
 def _usage(value: object) -> Usage:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import anthropic
 from anthropic import AsyncAnthropic
 
+from makima.errors import MakimaError
 from makima.executors.base import (
     OUTPUT_TAIL_CHARS,
     ExecutionRequest,
@@ -41,7 +41,7 @@ from makima.executors.base import (
     env_seconds,
     task_prompt,
 )
-from makima.llm.client import anthropic_from_env, classify_error
+from makima.llm.client import anthropic_from_env, create_message
 from makima.llm.pricing import usage_from_api
 from makima.models import ExecutorKind, SandboxSettings, Usage
 from makima.process import agent_environment, run_confined, truncate_tail
@@ -182,13 +182,13 @@ class AnthropicExecutor:
         transcript: list[str] = []
         for turn in range(1, max_turns + 1):
             try:
-                response = await client.messages.create(
-                    model=model, max_tokens=MAX_TOKENS, **self._cached(messages))
-            except anthropic.AnthropicError as exc:
-                error = classify_error(exc, model=model, base_url=str(client.base_url),
-                                       role="executor")
-                error.usage = usage  # the turns before this one (and earlier tries) were billed
-                raise error from exc
+                response = await create_message(client, role="executor", model=model,
+                                                max_tokens=MAX_TOKENS, **self._cached(messages))
+            except MakimaError as exc:
+                # the turns before this one (and earlier tries) were billed, and a call
+                # that answered after a cancel (a stop) too
+                exc.usage = usage + (exc.usage or Usage())
+                raise
             usage = usage + usage_from_api(model, response.usage)
             text = "\n".join(b.text for b in response.content if b.type == "text").strip()
             if text:

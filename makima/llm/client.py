@@ -14,11 +14,18 @@ Configuration (read by the worker, never from workflow input):
 The SDK is built with `max_retries=0`: Temporal retries the activity, with the
 server's `retry-after` passed on as the next retry delay, so one retry policy
 governs every attempt and each attempt is visible in the workflow history.
+
+A call that is in flight when its work is cancelled (a stop) is not cut off: the
+API goes on generating its answer and bills it whether or not anyone reads it. So
+`create_message` waits up to CANCEL_GRACE_SECONDS for that answer and raises
+`Cancelled` carrying what it was billed. A call still out after that is abandoned;
+what the API bills for it is not known here, and not counted (README, known limits).
 Prompts, schemas and parsing live elsewhere (makima/prompts, makima/llm/structured).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import time
@@ -29,7 +36,9 @@ import anthropic
 from anthropic import AsyncAnthropic
 from anthropic.types import Message
 
-from makima.errors import LLMError, LLMFatalError, LLMRetryableError
+from makima.errors import Cancelled, LLMError, LLMFatalError, LLMRetryableError
+from makima.llm.pricing import usage_from_api
+from makima.models import Usage
 
 DEFAULT_PLANNER_MODEL = "claude-opus-5-5"
 DEFAULT_EVALUATOR_MODEL = "claude-sonnet-5-5"
@@ -37,6 +46,9 @@ DEFAULT_TIMEOUT_SECONDS = 300.0
 #: A server asking for a longer pause than this is waited for this long; the
 #: activity's retry policy still bounds the number of attempts.
 MAX_RETRY_AFTER_SECONDS = 600.0
+#: How long a call in flight when its work is cancelled may still take to answer
+#: (what it was billed is then known); a stop's answer waits for it.
+CANCEL_GRACE_SECONDS = 30.0
 
 
 class LLMClient:
@@ -62,14 +74,41 @@ class LLMClient:
         return str(self.anthropic.base_url)
 
     async def create_message(self, **params: Any) -> Message:
-        """`messages.create(**params)`, with every failure turned into an LLMError."""
-        try:
-            return await self.anthropic.messages.create(**params)
-        except anthropic.AnthropicError as exc:
-            raise classify_error(exc, model=params.get("model"), base_url=self.base_url) from exc
+        """`messages.create(**params)` (see `create_message`)."""
+        return await create_message(self.anthropic, **params)
 
     async def close(self) -> None:
         await self.anthropic.close()
+
+
+async def create_message(client: AsyncAnthropic, *, role: str | None = None,
+                         **params: Any) -> Message:
+    """`client.messages.create(**params)`, with every failure turned into an LLMError
+    (`role` as in `classify_error`). A cancel while the call is out raises `Cancelled`
+    carrying what its answer was billed, once it came (see the module's docstring)."""
+    call = asyncio.ensure_future(client.messages.create(**params))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        raise await _cancelled_call(call, str(params.get("model") or "")) from None
+    except anthropic.AnthropicError as exc:
+        raise classify_error(exc, model=params.get("model"), base_url=str(client.base_url),
+                             role=role) from exc
+
+
+async def _cancelled_call(call: asyncio.Future[Message], model: str) -> Cancelled:
+    """What a call that was in flight at a cancel was billed, as a `Cancelled`."""
+    await asyncio.wait([call], timeout=CANCEL_GRACE_SECONDS)
+    if not call.done():
+        call.cancel()
+        return Cancelled(f"cancelled while a call to {model} was in flight; it had not "
+                         f"answered {CANCEL_GRACE_SECONDS:.0f} s later and was abandoned, "
+                         "so what it is billed is not counted", Usage())
+    if call.exception() is not None:  # an error answer is not billed
+        return Cancelled(f"cancelled while a call to {model} was in flight; it failed: "
+                         f"{call.exception()}", Usage())
+    return Cancelled(f"cancelled while a call to {model} was in flight; its answer was "
+                     "billed and is counted", usage_from_api(model, call.result().usage))
 
 
 def llm_from_env(env: Mapping[str, str] | None = None) -> LLMClient | None:
