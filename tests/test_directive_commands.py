@@ -12,18 +12,22 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
-from makima.contracts import ActivityName, EventType
+from makima.contracts import ActivityName, CleanupInput, CleanupOutput, EventType, StepProgress
 from makima.models import (
     ApprovalDecision,
     BudgetRaise,
+    Budgets,
     DirectiveCarry,
     DirectiveStatus,
     GoalUpdate,
     StepRef,
+    StepStatus,
     StopRequest,
+    Usage,
 )
 from tests.standins import (
     COMPLETION_GATE,
@@ -38,7 +42,7 @@ from tests.standins import (
 )
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
-from workflows.step import StepWorkflow
+from workflows.step import PROGRESS_SIGNAL, StepWorkflow
 
 EXECUTE = ActivityName.EXECUTE_STEP
 PLAN = ActivityName.PLAN_DIRECTIVE
@@ -389,3 +393,52 @@ async def test_a_stopped_step_still_counts_what_it_spent_since_its_last_report(
     assert result.status is DirectiveStatus.STOPPED
     assert stand.billed[handle.id] == 0.25
     assert result.cost_usd == 0.25, "the stopped step's attempt is in the spend"
+
+
+async def test_a_step_cancelled_as_its_cleanup_ends_still_counts_its_last_attempt(
+        client: Client, task_queue: str) -> None:
+    # the attempt was billed and blocked; the cancel arrives with the cleanup's result
+    # (fuzz seed 662319): the run ends cancelled, its blocked result is not delivered,
+    # and only a report can carry what the attempt spent
+    stand = StandIns(execute_cost=0.25, evaluate_cost=0.125, scores={"a": [0.2]})
+
+    @activity.defn(name=ActivityName.CLEANUP_STEP.value)
+    async def cleanup_step(input: CleanupInput) -> CleanupOutput:
+        await client.get_workflow_handle(activity.info().workflow_id).cancel()
+        return CleanupOutput(removed=True)
+
+    activities = [a for a in stand.activities() if a.__name__ != "cleanup_step"]
+    spec = spec_of(("a", []), budgets=Budgets(max_rework_cycles=0, max_chain_regenerations=0))
+    async with build_worker(client, task_queue, [*activities, cleanup_step]):
+        handle = await start(client, task_queue, spec)
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        final = await status(handle)
+        await save_history(handle, client, "step-cancelled-at-cleanup")
+    assert step_status(final, "a") in ("cancelled", "blocked")
+    assert stand.billed[handle.id] == 0.375
+    assert final.cost_usd == 0.375, "the attempt's spend reached the directive"
+
+
+async def test_a_step_report_that_arrives_after_a_later_one_still_counts_its_spend(
+        client: Client, task_queue: str) -> None:
+    # a step sends two reports at once at a rework ("rework" with the evaluation's
+    # spend, then "running" for the next attempt), and signals sent together may
+    # arrive in either order (fuzz seed 454083); a stopped step has no result to make
+    # up for a report whose spend was dropped
+    stand = StandIns()
+    gate = stand.gate("a")  # never opened: the step's own run reports nothing meanwhile
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(("a", [])))
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        for seq, status_now, spent in ((2, StepStatus.RUNNING, 0.0),
+                                       (1, StepStatus.REWORK, 0.3)):
+            await handle.signal(PROGRESS_SIGNAL, StepProgress(
+                name="a", generation=1, status=status_now, attempt=seq, seq=seq,
+                usage=Usage(cost_usd=spent)))
+        snap = await wait_until(handle, lambda s: s.cost_usd > 0 or s.steps[0].attempts == 2)
+        assert snap.cost_usd == 0.3, "the late report's spend is counted"
+        assert snap.steps[0].status is StepStatus.RUNNING, "its status is not"
+        await handle.execute_update(DirectiveWorkflow.stop_directive, StopRequest())
+        result = await handle.result()
+    assert result.cost_usd == 0.3

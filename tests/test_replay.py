@@ -42,7 +42,9 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "fuzz-468784",
                 # a stop that waits for the cancelled activity's end, which carries what
                 # it was billed (tests/test_cancelled_calls_billed.py)
-                "stop-agent-call-in-flight", "stop-judge-call-in-flight", "stop-agent-command"}
+                "stop-agent-call-in-flight", "stop-judge-call-in-flight", "stop-agent-command",
+                # cancelled with its cleanup's result: it reports its last attempt's spend
+                "step-cancelled-at-cleanup"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

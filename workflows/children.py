@@ -32,6 +32,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.step import PROGRESS_SIGNAL, StepWorkflow
     from workflows.usage import cause_of
 
+#: A report that arrives after a later one (a step sends two at once at a rework, and
+#: they may arrive in either order) still counts its spend; only its status is stale.
+#: Dropped, it was only made up for by the step's result, which a cancelled step has not
+#: (fuzz seed 454083).
+LATE_REPORTS_COUNT_PATCH = "directive-late-reports-count"
+
 
 class DirectiveChildren:
     """The StepWorkflow children, over `DirectiveWorkflow`'s state."""
@@ -187,22 +193,31 @@ class DirectiveChildren:
             summary=result.summary, reason=result.reason, branch=result.branch,
             commit=result.commit, cost_usd=round(state.cost_usd + extra, 6))
 
+    def _count_spend(self, name: str, spent: float) -> float:
+        """Add what step `name`'s current run reported it spent; the step's new spend."""
+        self._cost = round(self._cost + spent, 6)
+        self._run_cost[name] = self._run_cost.get(name, 0.0) + spent
+        return round(self._steps[name].cost_usd + spent, 6)
+
     @workflow.signal(name=PROGRESS_SIGNAL, description="From a step child: status and spend.")
     def step_progress(self, progress: StepProgress) -> None:
         """From a running StepWorkflow: its status changed or it spent money."""
         state = self._steps.get(progress.name)
         if state is None or progress.generation != self._generation:
             return
-        if progress.seq <= self._progress_seq.get(progress.name, 0):
-            return  # an older report arriving late
-        self._progress_seq[progress.name] = progress.seq
         spent = progress.usage.cost_usd
-        self._cost = round(self._cost + spent, 6)
-        self._run_cost[progress.name] = self._run_cost.get(progress.name, 0.0) + spent
+        if progress.seq <= self._progress_seq.get(progress.name, 0):
+            # an older report arriving late: its status is stale, its spend is not
+            if spent and workflow.patched(LATE_REPORTS_COUNT_PATCH):
+                self._steps[progress.name] = state.model_copy(
+                    update={"cost_usd": self._count_spend(progress.name, spent)})
+                self._changed = True
+            return
+        self._progress_seq[progress.name] = progress.seq
         changes: dict[str, Any] = {
             "status": progress.status,
             "attempts": max(state.attempts, progress.attempt),
-            "cost_usd": round(state.cost_usd + spent, 6),
+            "cost_usd": self._count_spend(progress.name, spent),
         }
         if progress.score is not None:
             changes.update(score=progress.score, confidence=progress.confidence,

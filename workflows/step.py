@@ -149,6 +149,7 @@ class StepWorkflow:
         self._decision: StepDecision | None = None
         self._reevaluate_requested = False
         self._status = StepStatus.PENDING
+        self._reported_status = StepStatus.PENDING  # what the parent was last told
         self._attempt = 0
         self._progress_seq = 0
         self._reported = Usage()
@@ -206,22 +207,26 @@ class StepWorkflow:
         try:
             result = await self._attempts()
         except asyncio.CancelledError:
-            if (self._usage.cost_usd != self._reported.cost_usd
-                    and workflow.patched(REPORT_SPEND_WHEN_CANCELLED)):
-                # e.g. an attempt that finished while paused; the parent shows a first
-                # attempt as running from its start (a pending step would be started)
-                self._report(StepStatus.RUNNING if self._status is StepStatus.PENDING
-                             else self._status)
+            # e.g. an attempt that finished while paused, or the call a stop cut off
+            self._report_unreported_spend(REPORT_SPEND_WHEN_CANCELLED)
             self._status = StepStatus.CANCELLED
             await self._cleanup()
             await self._settle()
             raise
-        await self._cleanup()
-        if workflow.info().parent is not None and workflow.patched(PARENT_RECORDS_LAST_EVENTS):
+        try:
+            await self._cleanup()
+            if (workflow.info().parent is not None
+                    and workflow.patched(PARENT_RECORDS_LAST_EVENTS)):
+                await self._settle_reports()
+                return result.model_copy(update={"unrecorded": self._log.hand_over()})
+            await self._settle()
+            return result
+        except asyncio.CancelledError:
+            # cancelled while it cleaned up after its last attempt: the result goes with
+            # the cancel, what that attempt spent does not (fuzz seed 662319)
+            self._report_unreported_spend(COUNT_CANCELLED_CALLS_PATCH)
             await self._settle_reports()
-            return result.model_copy(update={"unrecorded": self._log.hand_over()})
-        await self._settle()
-        return result
+            raise
 
     async def _attempts(self) -> StepResult:
         spec = self._input.spec
@@ -621,10 +626,18 @@ class StepWorkflow:
                       step=self._input.step.name, attempt=self._attempt or None, data=data,
                       severity=severity)
 
+    def _report_unreported_spend(self, patch: str) -> None:
+        """A cancelled step's run has no result to carry its spend: report what it spent
+        since its last report, under the status the parent knows (a first attempt
+        shows as running from its start: a pending step would be started)."""
+        if self._usage.cost_usd != self._reported.cost_usd and workflow.patched(patch):
+            known = self._reported_status
+            self._report(StepStatus.RUNNING if known is StepStatus.PENDING else known)
+
     def _report(self, status: StepStatus, evaluation: Evaluation | None = None,
                 execution: ExecuteOutput | None = None) -> None:
         """Tell the parent directive, without waiting (the signal is awaited before return)."""
-        self._status = status
+        self._status = self._reported_status = status
         parent = workflow.info().parent
         if parent is None:
             return
