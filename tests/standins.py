@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.billing import every_try_billed, usage_detail
+from activities.billing import cancelled_after, every_try_billed, usage_detail
 from activities.errors import translated_errors
 from activities.evaluate_merge import merge_evaluated
 from makima.constants import EXECUTE_RETRY_POLICY
@@ -229,10 +229,23 @@ class StandIns:
                     activity.heartbeat(usage_detail(total))
                     await asyncio.Event().wait()  # no more heartbeats: the try times out
                 delay = s.delays.get(name, 0.0)
-                while delay > 0:
-                    activity.heartbeat("working")
-                    await asyncio.sleep(min(delay, 0.05))
-                    delay -= 0.05
+                cost = s.execute_cost
+                if delay > 0:
+                    # an agent that works a while is billed as it goes (its first turn
+                    # now); a stop mid-way reports that, as activities/execution.py does
+                    earlier, cost = earlier + s.bill(input.directive_id, cost), 0.0
+                    with translated_errors():
+                        try:
+                            while delay > 0:
+                                activity.heartbeat("working", usage_detail(earlier))
+                                await asyncio.sleep(min(delay, 0.05))
+                                delay -= 0.05
+                        except asyncio.CancelledError:
+                            stopped = cancelled_after(earlier)
+                            if stopped is None:
+                                raise
+                            s.cancelled.append(name)
+                            raise stopped from None
                 if name in s.failing_executes:
                     # what this try and the ones before it were billed
                     billed = earlier + s.bill(input.directive_id, s.failing_executes[name])
@@ -256,7 +269,7 @@ class StandIns:
                 success=True, exit_code=0, branch=f"makima/{input.directive_id}--steps/{name}",
                 commit=uuid.uuid4().hex + "00000000", worktree="/tmp/none",
                 changed_files=[f"{name}.txt"], output_tail=f"did {name}",
-                usage=earlier + s.bill(input.directive_id, s.execute_cost),
+                usage=earlier + s.bill(input.directive_id, cost),
                 worker_queue=(s.worker_queues.pop(0) if s.worker_queues
                               else s.worker_queue_of(input.directive_id) if s.worker_queue_of
                               else ""))
