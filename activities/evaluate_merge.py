@@ -17,9 +17,10 @@ What does not live here: the evaluation (activities/evaluation.py) and the merge
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from temporalio import activity
 
 from activities.billing import usage_detail
@@ -49,16 +50,35 @@ class EvaluateMergeActivities:
 
     @activity.defn(name=ActivityName.EVALUATE_AND_MERGE_STEP.value)
     async def evaluate_and_merge_step(self, input: EvaluateMergeInput) -> EvaluateMergeOutput:
-        # its own heartbeats, and what earlier tries were billed (activities/billing.py)
-        evaluation = await self.evaluation.evaluate_step(input.evaluate)
+        # A try after one that failed while merging (git refused, the worker died)
+        # takes that try's evaluation, which passed: evaluating again would run the
+        # checks and bill the judge again for nothing. Otherwise the evaluation has
+        # its own heartbeats, and counts what earlier tries were billed.
+        evaluation = (evaluated_before(activity.info().heartbeat_details)
+                      or await self.evaluation.evaluate_step(input.evaluate))
         spec = input.evaluate.spec
         if not passes_without_a_person(evaluation.score, spec.thresholds, spec.autonomy):
             return EvaluateMergeOutput(evaluation=evaluation)
-        # a retry (this worker died mid-merge) starts from what the evaluation was billed
-        async with Heartbeat(lambda: [MERGING, usage_detail(evaluation.usage)],
+        # a retry starts from what the evaluation was billed, and from the evaluation
+        async with Heartbeat(lambda: [MERGING, usage_detail(evaluation.usage),
+                                      {"evaluation": evaluation.model_dump(mode="json")}],
                              self.execution.heartbeat_interval):
             merge = await merge_evaluated(self.execution.merge(input.merge), evaluation)
         return EvaluateMergeOutput(evaluation=evaluation, merge=merge)
+
+
+def evaluated_before(details: Sequence[Any] | None) -> Evaluation | None:
+    """The evaluation an earlier try of this activity made before it failed while
+    merging (its last heartbeat's details), or None."""
+    if not details or details[0] != MERGING:
+        return None
+    for item in details:
+        if isinstance(item, dict) and isinstance(item.get("evaluation"), dict):
+            try:
+                return Evaluation.model_validate(item["evaluation"])
+            except ValidationError:
+                return None
+    return None
 
 
 async def merge_evaluated(merge: Awaitable[MergeOutput], evaluation: Evaluation) -> MergeOutput:

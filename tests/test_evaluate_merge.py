@@ -1,14 +1,16 @@
 """`evaluate_and_merge_step` on real git repositories with the shell executor: an
 attempt that passes without a person is merged by its evaluation (and its
 worktrees removed there); one that needs a person or a rework is not; a merge
-that fails says so; a cancel
+that fails says so, and a try after it merges without evaluating again; a cancel
 while the checks run merges nothing, and a cancel while the merge runs is
 answered with the merge's outcome."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.exceptions import ApplicationError
@@ -53,14 +55,15 @@ def fused(execution: ExecutionActivities) -> EvaluateMergeActivities:
 
 
 async def attempt(execution: ExecutionActivities, repo: Path, verify: list[str],
-                  autonomy: Autonomy = Autonomy.FULL_AUTO) -> EvaluateMergeInput:
+                  autonomy: Autonomy = Autonomy.FULL_AUTO, step_name: str = "greet",
+                  says: str = "hi") -> EvaluateMergeInput:
     """Run a step that writes hi.txt; the request that evaluates (and maybe merges) it."""
     repository = Repository(path=str(repo))
     spec = DirectiveSpec(title="Test", goal="greet", repository=repository,
                          executor=ExecutorKind.SHELL, autonomy=autonomy)
     integration = (await execution.prepare_repository(
         PrepareInput(directive_id=DIRECTIVE, repository=repository))).integration_branch
-    step = PlannedStep(name="greet", task_plan="greet", command="echo hi > hi.txt",
+    step = PlannedStep(name=step_name, task_plan="greet", command=f"echo {says} > hi.txt",
                        verify=verify)
     out = await ActivityEnvironment().run(execution.execute_step, ExecuteInput(
         directive_id=DIRECTIVE, generation=1, spec=spec, step=step, attempt=1,
@@ -70,7 +73,7 @@ async def attempt(execution: ExecutionActivities, repo: Path, verify: list[str],
         evaluate=EvaluateInput(directive_id=DIRECTIVE, generation=1, spec=spec, step=step,
                                attempt=1, integration_branch=integration, execution=out),
         merge=MergeInput(directive_id=DIRECTIVE, repository=repository,
-                         integration_branch=integration, step="greet", attempt=1,
+                         integration_branch=integration, step=step_name, attempt=1,
                          branch=out.branch, commit=out.commit, remove_worktrees=True))
 
 
@@ -158,3 +161,27 @@ async def test_a_merge_that_fails_says_it_was_the_merge(
     assert failed.value.details[0]["stage"] == MERGING
     assert "usage" in failed.value.details[0]  # what the evaluation was billed
     assert not merged_file(repo, request)
+
+
+async def test_a_try_after_a_failed_merge_merges_without_evaluating_again(
+        fused: EvaluateMergeActivities, execution: ExecutionActivities, repo: Path) -> None:
+    # the first try's merge heartbeats carry its (green) evaluation
+    request = await attempt(execution, repo, ["test -f hi.txt"])
+    first = ActivityEnvironment()
+    beats: list[tuple[Any, ...]] = []
+    first.on_heartbeat = lambda *details: beats.append(details)
+    done = await first.run(fused.evaluate_and_merge_step, request)
+    merging = [b for b in beats if b and b[0] == MERGING]
+    assert merging and merging[-1][2]["evaluation"] == done.evaluation.model_dump(mode="json")
+
+    # a retry of a try that failed while merging: its check would now fail (the file
+    # is gone from the worktree), but it is not run again; the attempt merges
+    retry_request = await attempt(execution, repo, ["test -f hi.txt"], step_name="again",
+                                  says="again")
+    await asyncio.to_thread(Path(retry_request.evaluate.execution.worktree, "hi.txt").unlink)
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2, heartbeat_details=list(merging[-1]))
+    again = await retry.run(fused.evaluate_and_merge_step, retry_request)
+    assert again.evaluation == done.evaluation
+    assert again.merge is not None and again.merge.merged
+    assert show(repo, retry_request.merge.integration_branch, "hi.txt") == "again"
