@@ -18,8 +18,9 @@ Scenarios (`--only NAME` runs one):
   on `url` repositories.
 
 Every time comes from Temporal's history timestamps (and the chain's stamps, the
-same clock), except wall times of the bench itself and the worker's peak RSS
-(this process: the worker runs here). The machine's load average before the run
+same clock), except wall times of the bench itself, the worker's peak RSS and the
+chain's CPU per level (this process: the worker runs here; and the processes it
+waited for: git, bubblewrap, the agents' commands). The machine's load average before the run
 is kept with the results: the numbers move with it.
 """
 
@@ -82,6 +83,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def at(event: Any) -> float:
     return event.event_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process, of the child processes it waited for)."""
+    me, waited = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime, waited.ru_utime + waited.ru_stime
 
 
 def peak_rss_mib() -> float:
@@ -318,6 +326,7 @@ def stamps(repo: Path, branch: str, names: list[str]) -> dict[str, tuple[float, 
 
 async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
     makima, floor, gap, history_gap, floor_gap = [], [], [], [], []
+    cpu = {"worker": 0.0, "processes": 0.0}
     parts: list[dict[str, float]] = []
     floor_parts: list[dict[str, float]] = []
     for _ in range(repeat):
@@ -325,7 +334,11 @@ async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
         plan = Plan(steps=[step(n, [names[i - 1]] if i else [], STAMPED.format(name=n))
                            for i, n in enumerate(names)])
         repo = bench.repo()
+        before = cpu_seconds()
         handle: WorkflowHandle[Any, Any] = await bench.directive(plan, repo=repo)
+        after = cpu_seconds()
+        cpu["worker"] += after[0] - before[0]
+        cpu["processes"] += after[1] - before[1]
         runs = await run_histories(bench.client, handle.id)
         kids = await children(bench.client, runs)
         agent = stamps(repo, integration_branch(handle.id), names)
@@ -385,6 +398,12 @@ async def chain(bench: Bench, depth: int, repeat: int) -> dict[str, Any]:
             "child_to_child_s": m, "floor_child_to_child_s": f,
             "ratio_child_to_child_p50": round(m["p50"] / f["p50"], 2),
             "makima_p99_over_p50": round(m["p99"] / m["p50"], 2),
+            # CPU per level, which moves less with the machine's load than the times
+            # above: this process (the worker, its workflows and activities, and the
+            # bench's client) and the processes it started and waited for (git,
+            # bubblewrap, the agent's commands)
+            "cpu_ms_per_level": {name: round(1000 * value / (depth * repeat), 1)
+                                 for name, value in cpu.items()},
             "breakdown_p50": breakdown(parts),
             "floor_breakdown_p50": breakdown(floor_parts)}
 
