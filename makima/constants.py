@@ -78,9 +78,13 @@ NOTIFY_RETRY_POLICY = RetryPolicy(
 )
 
 #: A directive run continues as new, within its generation, once its history has
-#: this many events and no step is running (Temporal's own limit is 51,200;
+#: this many events, as the run counts them (workflows/history_gauge.py, which
+#: over-counts a little), and no step workflow runs (Temporal's own limit is 51,200;
 #: replay time grows with history length).
 HISTORY_CHECKPOINT_EVENTS = 5000
+#: ... or once what it added to its history holds this many payload bytes (Temporal
+#: warns at 10 MB of history and ends the workflow at 50 MB).
+HISTORY_CHECKPOINT_BYTES = 4 * 1024 * 1024
 #: How many recent events the `status` query carries.
 RECENT_EVENTS = 20
 #: Longest text (output tails, summaries) a workflow keeps in its state or events.

@@ -434,6 +434,8 @@ class DirectiveCarry(Model):
     replan_reason: str = ""
     user_plan: Plan | None = None  # a plan supplied with update_goal for this generation
     breaker: str | None = None
+    #: The wall-time budget in force is spent: its timer fired (see DirectiveWorkflow).
+    wall_time_spent: bool = False
     paused: bool = False
     integration_branch: str = ""
     #: Set when a run continues as new in the middle of a generation because its

@@ -72,9 +72,12 @@ def tripped_breaker(
     *,
     cost_usd: float,
     elapsed_seconds: float,
+    wall_time_spent: bool | None = None,
 ) -> Breaker | None:
     """The first spending breaker that has tripped (cost, then wall time), or
-    None. These pause a directive until the budget is raised."""
+    None. These pause a directive until the budget is raised. `wall_time_spent`,
+    when given, says whether the wall-time budget is spent (a workflow knows it from
+    its timer, not its clock); `elapsed_seconds` then only goes into the reason."""
     if budgets.max_cost_usd is not None and cost_usd >= budgets.max_cost_usd:
         return Breaker(
             BreakerKind.COST,
@@ -82,7 +85,9 @@ def tripped_breaker(
         )
     if budgets.max_wall_time_minutes is not None:
         limit = budgets.max_wall_time_minutes * 60
-        if elapsed_seconds >= limit:
+        if wall_time_spent is None:
+            wall_time_spent = elapsed_seconds >= limit
+        if wall_time_spent:
             return Breaker(
                 BreakerKind.WALL_TIME,
                 f"wall-time budget spent: {elapsed_seconds / 60:.1f} of "
@@ -144,10 +149,12 @@ class BudgetLedger:
         """The ledger after `cost_usd` more was billed (kept to micro-dollars)."""
         return replace(self, cost_usd=round(self.cost_usd + cost_usd, 6))
 
-    def breaker(self, elapsed_seconds: float) -> Breaker | None:
+    def breaker(self, elapsed_seconds: float,
+                wall_time_spent: bool | None = None) -> Breaker | None:
         """The spending breaker that has tripped (cost, then wall time), or None."""
         return tripped_breaker(self.budgets, cost_usd=self.cost_usd,
-                               elapsed_seconds=elapsed_seconds)
+                               elapsed_seconds=elapsed_seconds,
+                               wall_time_spent=wall_time_spent)
 
     def seconds_left(self, elapsed_seconds: float) -> float | None:
         """How long until the wall-time breaker trips; None without that budget."""

@@ -44,7 +44,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 # it was billed (tests/test_cancelled_calls_billed.py)
                 "stop-agent-call-in-flight", "stop-judge-call-in-flight", "stop-agent-command",
                 # cancelled with its cleanup's result: it reports its last attempt's spend
-                "step-cancelled-at-cleanup"}
+                "step-cancelled-at-cleanup",
+                # a checkpoint on what the run counted, the wall-time breaker on its timer
+                # (patch 'directive-decides-on-counts-and-timers', tests/test_stale_activations.py)
+                "checkpoint-counted"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

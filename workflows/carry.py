@@ -43,11 +43,12 @@ class DirectiveCarrying:
         self._replan_reason = carry.replan_reason
         self._user_plan = carry.user_plan if spec.carry else spec.plan
         self._breaker = carry.breaker
+        self._wall_time_spent = carry.wall_time_spent
         self._user_paused = carry.paused
         self._stop_reason = carry.stop_reason
         self._goal_update = carry.goal_update
         self._branch = carry.integration_branch or integration_branch(self._id)
-        self._log = EventLog(self._id, self._id, carry.event_seq)
+        self._log = EventLog(self._id, self._id, carry.event_seq, gauge=self._gauge)
         if carry.current_plan is not None:
             self._plan_model = carry.current_plan
             self._planned = {s.name: s for s in carry.current_plan.steps}
@@ -96,7 +97,8 @@ class DirectiveCarrying:
             "generation": self._generation, "started_at": self._started_at,
             "cost_usd": self._cost, "replans": self._replans,
             "failed_steps": self._failed_steps, "event_seq": self._log.seq,
-            "breaker": self._breaker, "paused": self._user_paused,
+            "breaker": self._breaker, "wall_time_spent": self._wall_time_spent,
+            "paused": self._user_paused,
             "integration_branch": self._branch, "stop_reason": self._stop_reason,
             "goal_update": self._goal_update,
         }

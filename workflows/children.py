@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from makima.models import PendingApproval, StepStatus
     from makima.policy import denial_reason
+    from workflows.history_gauge import CHILD, SENT, SIGNAL
     from workflows.step import PROGRESS_SIGNAL, StepWorkflow
     from workflows.usage import cause_of
 
@@ -69,6 +70,7 @@ class DirectiveChildren:
                        attempts=max(state.attempts, attempts), workflow_id=wf_id, reason="")
         self._launching += 1
         self._starting.add(name)
+        self._gauge.add(CHILD, step_input)
         asyncio.create_task(self._child(name, wf_id, step_input))
 
     async def _child(self, name: str, wf_id: str, step_input: StepInput) -> None:
@@ -93,6 +95,7 @@ class DirectiveChildren:
                 if self._keeps_every_step:
                     await self._tell_paused(handle, self._paused)
                 else:  # a run begun on older code: a failed signal left the step running
+                    self._gauge.add(SENT)
                     await handle.signal("set_paused", PauseState(paused=self._paused))
             self._on_result(await handle)
         except WorkflowAlreadyStartedError:  # ids are unique per run; say so if not
@@ -120,12 +123,12 @@ class DirectiveChildren:
                 self._held.pop(name, None)
             self._changed = True
 
-    @staticmethod
-    async def _tell_paused(handle: workflow.ChildWorkflowHandle[Any, StepResult],
+    async def _tell_paused(self, handle: workflow.ChildWorkflowHandle[Any, StepResult],
                            paused: bool) -> None:
         """Tell a step's run whether the directive is paused. A run that has ended
         meanwhile (cancelled or terminated from outside) cannot be told; its end reaches
         the directive as the child's result, so the refused signal is only logged."""
+        self._gauge.add(SENT)
         try:
             await handle.signal("set_paused", PauseState(paused=paused))
         except Exception as err:  # e.g. "external workflow not found": it has ended
@@ -180,6 +183,7 @@ class DirectiveChildren:
             self._set_step(name, status=StepStatus.CANCELLED,
                            reason="the directive stopped while the step waited for a decision")
     def _on_result(self, result: StepResult) -> None:
+        self._gauge.add(0, result)
         self._log.forward(result.unrecorded)  # written with the next batch
         state = self._steps[result.name]
         # what the run spent that its progress reports did not carry
@@ -202,6 +206,7 @@ class DirectiveChildren:
     @workflow.signal(name=PROGRESS_SIGNAL, description="From a step child: status and spend.")
     def step_progress(self, progress: StepProgress) -> None:
         """From a running StepWorkflow: its status changed or it spent money."""
+        self._gauge.add(SIGNAL, progress)
         state = self._steps.get(progress.name)
         if state is None or progress.generation != self._generation:
             return

@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         StopRequest,
         UpdateAnswer,
     )
+    from workflows.history_gauge import SENT, SIGNAL, UPDATE
 
 if TYPE_CHECKING:
     from workflows.directive import DirectiveWorkflow
@@ -101,6 +102,7 @@ class DirectiveCommands:
         self._changed = True
         handle = self._children.get(decision.step)
         if handle is not None:
+            self._gauge.add(SENT)
             await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
                                                        comment=decision.comment))
 
@@ -134,6 +136,7 @@ class DirectiveCommands:
         try:
             if handle is None:
                 raise ApplicationError("its workflow is not running")
+            self._gauge.add(SENT)
             await handle.signal("decide", StepDecision(approved=approved, by=decision.by,
                                                        comment=decision.comment))
         except ApplicationError as err:
@@ -163,7 +166,7 @@ class DirectiveCommands:
         if not self._paused:
             return "the directive is not paused"
         if self._breaker is not None:
-            still = self._ledger.breaker(self._elapsed())
+            still = self._tripped()
             if still is not None:
                 return f"cannot resume: {still.reason}; raise the budget first"
         return None
@@ -175,7 +178,7 @@ class DirectiveCommands:
 
     def _resume(self: DirectiveWorkflow, request: Empty | None = None) -> None:
         self._user_paused = False
-        if self._breaker is not None and self._ledger.breaker(self._elapsed()) is None:
+        if self._breaker is not None and self._tripped() is None:
             self._breaker = None
         self._publish()
         self._relay_pause()
@@ -248,13 +251,26 @@ class DirectiveCommands:
     def _raise_budget(self: DirectiveWorkflow, request: BudgetRaise) -> None:
         ledger = self._ledger.raised(request)
         self._spec = self._spec.model_copy(update={"budgets": ledger.budgets})
-        if self._breaker is not None and ledger.breaker(self._elapsed()) is None:
+        if request.max_wall_time_minutes is not None:
+            # spent again only when the timer for the new budget fires (at once if the
+            # new budget is spent too: the breaker then trips again)
+            self._wall_time_spent = False
+        if self._breaker is not None and self._tripped(ledger) is None:
             self._breaker = None
             self._user_paused = True  # stays paused until a person resumes
         self._event(EventType.BUDGET_RAISED, "budgets raised",
                     data={"budgets": ledger.budgets.model_dump(mode="json")})
         self._publish()
         self._changed = True
+
+    def _raise_answer(self: DirectiveWorkflow) -> str:
+        # by the clock: only what the person reads (the breaker trips when its timer fires)
+        left = self._ledger.seconds_left(self._elapsed())
+        if left is not None and left <= 0:
+            return (f"budgets raised, but the wall-time budget is still spent "
+                    f"({self._elapsed() / 60:.1f} of {self._spec.budgets.max_wall_time_minutes:g} "
+                    "minutes): the directive stays paused; raise it further")
+        return "budgets raised" + ("; resume to continue" if self._paused else "")
 
     # ------------------------------------------------------------------ re-evaluation
 
@@ -290,6 +306,7 @@ class DirectiveCommands:
             self._pending.pop(ref.step, None)
             handle = self._children.get(ref.step)
             if handle is not None:
+                self._gauge.add(SENT)
                 await handle.signal("reevaluate")
         else:
             self._reevaluations[ref.step] = self._reevaluations.get(ref.step, 0) + 1
@@ -353,7 +370,7 @@ COMMANDS = (
             signal=Handler("update_goal", "Change the goal: a new generation."),
             update=Handler("update_directive_goal", "Change the goal: the next generation is planned for it.")),
     Command(BudgetRaise, D._budget_problem, D._raise_budget,
-            answer=lambda wf, _: "budgets raised" + ("; resume to continue" if wf._paused else ""),
+            answer=lambda wf, _: wf._raise_answer(),
             signal=Handler("raise_budget", "Raise budgets (never lowers)."),
             update=Handler("raise_directive_budget", "Raise budgets; says if refused.")),
     Command(StepRef, D._reevaluate_problem, D._reevaluate, is_async=True,
@@ -376,6 +393,7 @@ def _signal(command: Command, handler: Handler) -> Callable[..., Any]:
 
     if command.is_async:
         async def signal(self, arg):  # type: ignore[no-untyped-def]
+            self._gauge.add(SIGNAL, arg)
             problem = command.problem(self, arg)
             if problem:
                 return ignored(problem)
@@ -385,6 +403,7 @@ def _signal(command: Command, handler: Handler) -> Callable[..., Any]:
                 ignored(err)
     else:
         def signal(self, arg):  # type: ignore[no-untyped-def]
+            self._gauge.add(SIGNAL, arg)
             problem = command.problem(self, arg)
             if problem:
                 return ignored(problem)
@@ -398,12 +417,14 @@ def _signal(command: Command, handler: Handler) -> Callable[..., Any]:
 def _update(command: Command, handler: Handler) -> Any:
     if command.is_async:
         async def update(self, arg):  # type: ignore[no-untyped-def]
+            self._gauge.add(UPDATE, arg)
             # checked again: two updates may pass validation in one workflow task
             reject_if(command.problem(self, arg))
             await command.apply(self, arg)
             return UpdateAnswer(message=command.answer(self, arg))
     else:
         def update(self, arg):  # type: ignore[no-untyped-def]
+            self._gauge.add(UPDATE, arg)
             command.apply(self, arg)
             return UpdateAnswer(message=command.answer(self, arg))
 

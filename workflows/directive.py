@@ -14,7 +14,6 @@ whether the action was accepted; the `status` query shows everything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -46,10 +45,11 @@ with workflow.unsafe.imports_passed_through():
         StepState,
         StepStatus,
     )
-    from makima.policy import BudgetLedger
+    from makima.policy import Breaker, BudgetLedger
     from workflows.carry import DirectiveCarrying
     from workflows.children import DirectiveChildren
     from workflows.commands import DirectiveCommands, with_commands
+    from workflows.history_gauge import ACTIVITY, SENT, TASK, TIMER, HistoryGauge
     from workflows.planning import DirectivePlanning
     from workflows.status import DirectiveStatusView, Phase
     from workflows.usage import cause_of
@@ -71,6 +71,11 @@ STOP_WAITS_PATCH = "directive-stop-answers-when-steps-ended"
 #: could tell it of a pause (a refused signal) still ends, and a step held as active
 #: with no run fails (fuzz seed 468784: it hung the directive, across a checkpoint).
 KEEPS_EVERY_STEP_PATCH = "directive-no-step-without-a-run"
+#: A checkpoint is decided on what the run counts it added to its history, and the
+#: wall-time breaker trips when its timer fires: never on the history length or the
+#: clock an activation shows, which a status query can make one task early (see
+#: workflows/history_gauge.py; tests/test_stale_activations.py).
+COUNTS_NOT_CLOCK_PATCH = "directive-decides-on-counts-and-timers"
 
 
 # A spec that does not decode (wrong types, missing fields: `temporal workflow start
@@ -112,11 +117,14 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._last_visible = ""
         self._cancelling = False
         self._completing = False
-        self._commands_hold = workflow.patched(COMMANDS_HOLD_PATCH)
-        self._delivered_decisions = workflow.patched(DELIVERED_DECISIONS_PATCH)
-        self._parks_approvals = workflow.patched(PARKED_APPROVALS_PATCH)
-        self._stop_waits = workflow.patched(STOP_WAITS_PATCH)
-        self._keeps_every_step = workflow.patched(KEEPS_EVERY_STEP_PATCH)
+        self._gauge = HistoryGauge()
+        self._gauge.add(1 + TASK, spec)  # started (with the input), the first task
+        self._commands_hold = self._patched(COMMANDS_HOLD_PATCH)
+        self._delivered_decisions = self._patched(DELIVERED_DECISIONS_PATCH)
+        self._parks_approvals = self._patched(PARKED_APPROVALS_PATCH)
+        self._stop_waits = self._patched(STOP_WAITS_PATCH)
+        self._keeps_every_step = self._patched(KEEPS_EVERY_STEP_PATCH)
+        self._counts = self._patched(COUNTS_NOT_CLOCK_PATCH)
         # a carry is only taken from the run this one continues; a start from outside
         # (the `temporal` CLI, any client) must not skip preparing and plan checks
         self._refusal = ""
@@ -145,7 +153,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
                 return await self._finish()
             if spec.carry is None:
                 # a supplied plan is checked before anything is written to the repository
-                if workflow.patched("validate-supplied-plan-first") and not self._plan_ok():
+                if self._patched("validate-supplied-plan-first") and not self._plan_ok():
                     return await self._finish()
                 if not await self._prepare():
                     return await self._finish()
@@ -225,13 +233,29 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
             self._log.flush()
             # messages that change nothing (refused signals) still grow the history
             grows = self._parks_approvals and may_checkpoint and not self._checkpoint
-            # a timeout means the wall-time budget ran out: the next turn trips the breaker
-            with contextlib.suppress(TimeoutError):
+            timeout = self._wall_time_left()
+            if timeout is not None:
+                self._gauge.add(TIMER)
+            try:
                 await workflow.wait_condition(
                     lambda grows=grows: self._changed or (grows and self._history_is_large()),
-                    timeout=self._wall_time_left())
+                    timeout=timeout)
+            except TimeoutError:  # the wall-time budget is spent: the next turn trips
+                self._wall_time_spent = True
+                self._gauge.add(TASK)
+
+    def _patched(self, patch: str) -> bool:
+        """`workflow.patched`, counting the marker event a patch that is on records
+        (once per run: the SDK remembers the answer)."""
+        on = workflow.patched(patch)
+        if on and patch not in self._gauge.patches:
+            self._gauge.patches.add(patch)
+            self._gauge.add(1)
+        return on
 
     def _history_is_large(self) -> bool:
+        if self._counts:
+            return self._gauge.full(c.HISTORY_CHECKPOINT_EVENTS, c.HISTORY_CHECKPOINT_BYTES)
         info = workflow.info()
         return (info.get_current_history_length() >= c.HISTORY_CHECKPOINT_EVENTS
                 or info.is_continue_as_new_suggested())
@@ -261,11 +285,14 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
     async def _complete(self) -> None:
         self._completing = self._delivered_decisions
         self._log.flush()
+        completion = CompleteInput(directive_id=self._id, spec=CompletionSpec.of(self._spec),
+                                   integration_branch=self._branch,
+                                   steps=list(self._steps.values()))
+        self._gauge.add(ACTIVITY, completion)
         try:
             done = await workflow.execute_activity(
                 ActivityName.COMPLETE_DIRECTIVE.value,
-                CompleteInput(directive_id=self._id, spec=CompletionSpec.of(self._spec),
-                              integration_branch=self._branch, steps=list(self._steps.values())),
+                completion,
                 result_type=CompleteOutput,
                 start_to_close_timeout=c.GIT_TIMEOUT,
                 heartbeat_timeout=c.GIT_HEARTBEAT_TIMEOUT,
@@ -298,8 +325,8 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
             await self._cancel_child(handle.id)
         await workflow.wait_condition(lambda: not self._children and not self._launching)
 
-    @staticmethod
-    async def _cancel_child(workflow_id: str) -> None:
+    async def _cancel_child(self, workflow_id: str) -> None:
+        self._gauge.add(SENT)
         try:
             await workflow.get_external_workflow_handle(workflow_id).cancel()
         except Exception as err:  # it finished meanwhile
@@ -316,7 +343,15 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         return BudgetLedger(self._spec.budgets, self._cost)
 
     def _elapsed(self) -> float:
+        """Seconds since the directive started, by the clock (for what people read; a
+        decision asks `_tripped`)."""
         return (workflow.now() - self._started_at).total_seconds()
+
+    def _tripped(self, ledger: BudgetLedger | None = None) -> Breaker | None:
+        """The breaker that has tripped under `ledger` (this run's by default). The
+        wall-time budget is spent once its timer fired, not when the clock says so."""
+        return (ledger or self._ledger).breaker(
+            self._elapsed(), self._wall_time_spent if self._counts else None)
 
     def _wall_time_left(self) -> timedelta | None:
         if self._breaker is not None:
@@ -327,7 +362,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
     def _check_breakers(self) -> None:
         if self._breaker is not None:
             return
-        breaker = self._ledger.breaker(self._elapsed())
+        breaker = self._tripped()
         if breaker is None:
             return
         self._breaker = breaker.reason

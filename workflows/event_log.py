@@ -23,11 +23,14 @@ with workflow.unsafe.imports_passed_through():
     from makima.constants import RECENT_EVENTS, RECORD_RETRY_POLICY, RECORD_TIMEOUT
     from makima.contracts import ActivityName, Event, EventType, RecordInput, RecordOutput, Severity
     from makima.models import EventSummary
+    from workflows.history_gauge import ACTIVITY, HistoryGauge
 
 
 class EventLog:
-    def __init__(self, directive_id: str, source: str, last_seq: int = 0) -> None:
+    def __init__(self, directive_id: str, source: str, last_seq: int = 0,
+                 gauge: HistoryGauge | None = None) -> None:
         self.directive_id = directive_id
+        self.gauge = gauge  # counts the batches sent into the workflow's history
         self.source = source
         self.seq = last_seq
         self.recent: deque[EventSummary] = deque(maxlen=RECENT_EVENTS)
@@ -92,10 +95,13 @@ class EventLog:
             return
         batch, self._buffer = self._buffer, []
         first, last = batch[0], batch[-1]
+        record = RecordInput(events=batch)
+        if self.gauge is not None:
+            self.gauge.add(ACTIVITY, record)
         self._in_flight.append((
             workflow.start_activity(
                 ActivityName.RECORD_EVENTS.value,
-                RecordInput(events=batch),
+                record,
                 result_type=RecordOutput,
                 start_to_close_timeout=RECORD_TIMEOUT,
                 retry_policy=RECORD_RETRY_POLICY,

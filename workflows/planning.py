@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from makima.dag import validate_plan
     from makima.models import DirectiveStatus, Plan, PlannedStep, PlannerKind, StepState, StepStatus
     from makima.policy import replan_refusal
+    from workflows.history_gauge import ACTIVITY
     from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage, cause_of
 
 
@@ -31,6 +32,7 @@ class DirectivePlanning:
     """Planning, over `DirectiveWorkflow`'s state."""
 
     async def _prepare(self) -> bool:
+        self._gauge.add(ACTIVITY)
         try:
             prepared = await workflow.execute_activity(
                 ActivityName.PREPARE_REPOSITORY.value,
@@ -64,7 +66,7 @@ class DirectivePlanning:
                 try:
                     planned = await self._ask_planner(candidate, errors)
                 except ActivityError as err:
-                    if workflow.patched(COUNT_FAILED_TRIES_PATCH):  # e.g. an invalid answer
+                    if self._patched(COUNT_FAILED_TRIES_PATCH):  # e.g. an invalid answer
                         self._cost = round(self._cost + billed_usage(err).cost_usd, 6)
                     self._event(EventType.PLAN_FAILED, cause_of(err), severity=Severity.ERROR,
                                 data={"error": cause_of(err)})
@@ -105,11 +107,13 @@ class DirectivePlanning:
 
     async def _ask_planner(self, previous: Plan | None, errors: list[str]) -> PlanOutput:
         self._log.flush()
+        asked = PlanInput(directive_id=self._id, spec=self._spec, generation=self._generation,
+                          reason=self._replan_reason, existing_steps=self._previous,
+                          previous_plan=previous, validation_errors=errors)
+        self._gauge.add(ACTIVITY, asked)
         return await workflow.execute_activity(
             ActivityName.PLAN_DIRECTIVE.value,
-            PlanInput(directive_id=self._id, spec=self._spec, generation=self._generation,
-                      reason=self._replan_reason, existing_steps=self._previous,
-                      previous_plan=previous, validation_errors=errors),
+            asked,
             result_type=PlanOutput,
             start_to_close_timeout=c.PLAN_TIMEOUT,
             retry_policy=c.PLAN_RETRY_POLICY,

@@ -13,6 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from makima.contracts import GENERATION_ATTRIBUTE, STATUS_ATTRIBUTE, EventType, Severity
     from makima.models import DirectiveSnapshot, DirectiveStatus, StepState
+    from workflows.history_gauge import UPSERT
 
 
 class Phase:
@@ -61,6 +62,7 @@ class DirectiveStatusView:
         visible = "awaiting_approval" if self._pending and not status.is_final else status.value
         if (visible != self._last_visible
                 and workflow.info().typed_search_attributes.get(STATUS_ATTRIBUTE) is not None):
+            self._gauge.add(UPSERT)
             workflow.upsert_search_attributes([
                 STATUS_ATTRIBUTE.value_set(visible),
                 GENERATION_ATTRIBUTE.value_set(self._generation),
