@@ -38,8 +38,9 @@ and it is failed too. The cost: a failed workflow task in the history and a
 replay; a query or update that meets the failed task is refused once (ask again).
 What is not undone: when the real task has nothing new to run, Core completes it
 with the commands the query's activation made, and that activation saw a history
-length and time one task early (a checkpoint or the wall-time breaker at its
-threshold could decide otherwise on replay).
+length and time one task early. So the directive decides nothing on those: its
+checkpoint on what it counted (workflows/history_gauge.py), its wall-time breaker
+on a timer (tests/test_stale_activations.py).
 """
 
 from __future__ import annotations

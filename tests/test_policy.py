@@ -154,6 +154,18 @@ def test_wall_time_breaker_trips_at_the_limit() -> None:
     assert breaker.reason == "wall-time budget spent: 10.0 of 10 minutes"
 
 
+def test_a_workflow_says_when_the_wall_time_is_spent_and_the_clock_only_words_it() -> None:
+    # the directive knows from its timer; its clock may show one task early
+    budgets = Budgets(max_wall_time_minutes=10)
+    early = tripped_breaker(budgets, cost_usd=0, elapsed_seconds=599.0, wall_time_spent=True)
+    assert early is not None and early.kind is BreakerKind.WALL_TIME
+    assert early.reason == "wall-time budget spent: 10.0 of 10 minutes"
+    assert tripped_breaker(budgets, cost_usd=0, elapsed_seconds=900,
+                           wall_time_spent=False) is None
+    assert tripped_breaker(Budgets(), cost_usd=0, elapsed_seconds=900,
+                           wall_time_spent=True) is None  # no such budget
+
+
 def test_cost_is_reported_before_wall_time() -> None:
     budgets = Budgets(max_cost_usd=1.0, max_wall_time_minutes=1)
     breaker = tripped_breaker(budgets, cost_usd=5.0, elapsed_seconds=3600)
