@@ -213,7 +213,7 @@ class DirectiveChildren:
         spent = progress.usage.cost_usd
         if progress.seq <= self._progress_seq.get(progress.name, 0):
             # an older report arriving late: its status is stale, its spend is not
-            if spent and workflow.patched(LATE_REPORTS_COUNT_PATCH):
+            if spent and self._patched(LATE_REPORTS_COUNT_PATCH):
                 self._steps[progress.name] = state.model_copy(
                     update={"cost_usd": self._count_spend(progress.name, spent)})
                 self._changed = True
