@@ -46,6 +46,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from activities.billing import BillingActivities
 from activities.evaluate_merge import EvaluateMergeActivities
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
@@ -101,6 +102,7 @@ def all_activities(llm: LLMClient | None, pool: Any, *,
     record = RecordActivities(pool)
     evaluation = EvaluationActivities(llm)
     return [
+        *BillingActivities().activities(),
         *PlanningActivities(llm).activities(),
         *evaluation.activities(),
         *execution_activities,

@@ -17,14 +17,19 @@ try's last heartbeat details to the next try, though. So a billing activity
 - when the workflow cancels it (a stop), reports the total too: a call in flight
   answers first (makima/llm/client.py), and the activity ends with `Cancelled`
   carrying the total instead of a plain cancel, whose details the SDK drops
-  (`cancelled_after`). The workflow waits for that end (workflows/step.py).
+  (`cancelled_after`). The workflow waits for that end (workflows/step.py);
+- a cancel that meets the activity between two tries (a retry's backoff) finds no
+  try to report, and the server ends it with "ACTIVITY_ID_NOT_STARTED" instead of
+  the last heartbeat; so the step asks first (`billed_so_far`, an activity) what
+  the tries so far were billed, from the pending activity's last failure or
+  heartbeat, and counts that when no try reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,6 +37,7 @@ from temporalio import activity
 
 from activities.errors import cancel_asked
 from activities.heartbeat import Heartbeat
+from makima.contracts import ActivityName, BilledSoFarInput
 from makima.errors import Cancelled, MakimaError
 from makima.models import Usage
 
@@ -88,3 +94,30 @@ def cancelled_after(billed: Usage | None) -> Cancelled | None:
     if not billed or billed == Usage() or not cancel_asked():
         return None
     return Cancelled("cancelled by its workflow (a stop, or its step cancelled)", billed)
+
+
+class BillingActivities:
+    """`billed_so_far`, which needs only the worker's own Temporal client."""
+
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.billed_so_far]
+
+    @activity.defn(name=ActivityName.BILLED_SO_FAR.value)
+    async def billed_so_far(self, input: BilledSoFarInput) -> Usage:
+        """What the tries of the workflow's pending `activity_type` were billed so far:
+        its last failure's usage detail when it waits for a retry, else its last
+        heartbeat's; Usage() when none is pending or says."""
+        client = activity.client()
+        description = await client.get_workflow_handle(
+            input.workflow_id, run_id=input.run_id).describe()
+        for pending in description.raw_description.pending_activities:
+            if pending.activity_type.name != input.activity_type:
+                continue
+            failure = pending.last_failure.application_failure_info.details.payloads
+            beats = pending.heartbeat_details.payloads
+            for payloads in (failure, beats):
+                if payloads:
+                    found = usage_in(await client.data_converter.decode(payloads))
+                    if found is not None:
+                        return found
+        return Usage()

@@ -57,6 +57,10 @@ GIT_RETRY_POLICY = RetryPolicy(
 #: An evaluation that merges the attempt when it passes (activities/evaluate_merge.py).
 EVALUATE_AND_MERGE_TIMEOUT = EVALUATE_TIMEOUT + GIT_TIMEOUT
 
+#: Asking the server what a pending activity's tries were billed (a stop's first step).
+BILLED_SO_FAR_TIMEOUT = timedelta(seconds=10)
+BILLED_SO_FAR_RETRY_POLICY = RetryPolicy(maximum_attempts=2)
+
 RECORD_TIMEOUT = timedelta(seconds=30)
 RECORD_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),

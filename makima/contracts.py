@@ -51,6 +51,7 @@ class ActivityName(StrEnum):
     CLEANUP_STEP = "cleanup_step"
     COMPLETE_DIRECTIVE = "complete_directive"
     RECORD_EVENTS = "record_events"
+    BILLED_SO_FAR = "billed_so_far"
     DELIVER_NOTIFICATION = "deliver_notification"
 
 
@@ -334,6 +335,14 @@ class EvaluateMergeOutput(Model):
     evaluation: Evaluation
     #: None when the policy did not pass the attempt (red, or yellow for a person)
     merge: MergeOutput | None = None
+
+
+class BilledSoFarInput(Model):
+    """Which pending activity of which workflow run (activities/billing.py)."""
+
+    workflow_id: str
+    run_id: str
+    activity_type: str
 
 
 class CleanupInput(Model):

@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.billing import cancelled_after, every_try_billed, usage_detail
+from activities.billing import BillingActivities, cancelled_after, every_try_billed, usage_detail
 from activities.errors import translated_errors
 from activities.evaluate_merge import merge_evaluated
 from makima.constants import EXECUTE_RETRY_POLICY
@@ -380,8 +380,8 @@ class StandIns:
             return RecordOutput(written=len(input.events))
 
         return [prepare_repository, plan_directive, execute_step, checkout_step, evaluate_step,
-                evaluate_and_merge_step,
-                merge_step, cleanup_step, complete_directive, record_events]
+                evaluate_and_merge_step, merge_step, cleanup_step, complete_directive,
+                record_events, *BillingActivities().activities()]
 
 
 async def start(client: Client, task_queue: str, spec: DirectiveSpec,

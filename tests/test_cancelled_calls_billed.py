@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
+from activities.billing import BillingActivities
 from activities.evaluate_merge import EvaluateMergeActivities
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
@@ -30,7 +31,7 @@ from makima.llm.client import llm_from_env
 from makima.models import DirectiveSpec, DirectiveStatus, ExecutorKind, StepStatus, StopRequest
 from makima.store.reads import get_directive
 from tests.fakes.repos import make_repo, set_identity, sh
-from tests.messages_server import MessagesServer, slow, text_reply, tool_reply, usage
+from tests.messages_server import MessagesServer, error_reply, slow, text_reply, tool_reply, usage
 from tests.postgres_fixture import pg_pool, postgres  # noqa: F401 (fixtures)
 from tests.standins import save_history, start
 from tests.test_every_try_billed import server_bill
@@ -65,7 +66,7 @@ async def requests_reached(server: MessagesServer, count: int) -> None:
 
 async def stopped_spend(client: Client, task_queue: str, server: MessagesServer,
                         pool: asyncpg.Pool, spec: DirectiveSpec, *, stop_at_request: int,
-                        history: str, own_queue: str | None = None,
+                        history: str, own_queue: str | None = None, stop_after: float = 0.0,
                         ) -> tuple[WorkflowHandle, float]:
     """Run `spec`, stop it once the server has received `stop_at_request` requests (that
     one is in flight), and return the handle and the spend the directive reports. The
@@ -74,7 +75,8 @@ async def stopped_spend(client: Client, task_queue: str, server: MessagesServer,
     assert llm is not None
     execution = ExecutionActivities(worker_queue=own_queue or "", heartbeat_interval=0.5)
     evaluation = EvaluationActivities(llm)
-    activities = [*evaluation.activities(), *execution.activities(),
+    activities = [*BillingActivities().activities(), *evaluation.activities(),
+                  *execution.activities(),
                   *EvaluateMergeActivities(evaluation, execution).activities(),
                   *RecordActivities(pool).activities()]
     workers = [build_worker(client, task_queue, activities)]
@@ -86,6 +88,7 @@ async def stopped_spend(client: Client, task_queue: str, server: MessagesServer,
                 await running.enter_async_context(worker)
             handle = await start(client, task_queue, spec)
             await requests_reached(server, stop_at_request)
+            await asyncio.sleep(stop_after)
             answer = await handle.execute_update(DirectiveWorkflow.stop_directive,
                                                  StopRequest(reason="halt"))
             assert answer.accepted, answer
@@ -171,6 +174,32 @@ async def test_a_stop_while_the_agents_command_runs_counts_the_turns_before(
                                         stop_at_request=2, history="stop-agent-command")
 
     assert len(messages_server.billed) == 2, "the stop came before the third turn"
+    billed = server_bill(messages_server)
+    assert spent == pytest.approx(billed, abs=1e-9), (
+        f"the directive reports ${spent} of ${billed} billed")
+
+
+async def test_a_stop_while_the_agent_waits_for_a_retry_counts_the_failed_try(
+        client: Client, task_queue: str, repo: Path, messages_server: MessagesServer,
+        pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    messages_server.script(
+        tool_reply("write_file", {"path": "hello.txt", "content": "hi\n"},
+                   used=usage(2100, 210)),
+        # the try fails after one billed turn; Temporal retries it in 10 minutes
+        error_reply(529, "overloaded", headers={"retry-after": "600"}),
+        # should the retry come first, it is in flight when the stop comes
+        *[slow(tool_reply("write_file", {"path": "hello.txt", "content": f"hi {n}\n"},
+                          used=usage(2200 + n, 220 + n)), GENERATION_SECONDS)
+          for n in range(10)])
+    spec = DirectiveSpec(title="hello", goal="write hello.txt", repository={"path": str(repo)},
+                         executor=ExecutorKind.ANTHROPIC, evaluator="programmatic", plan=PLAN)
+
+    handle, spent = await stopped_spend(client, task_queue, messages_server, pg_pool, spec,
+                                        stop_at_request=2, stop_after=1.0,
+                                        history="stop-agent-waiting-for-a-retry")
+
+    assert messages_server.billed, "the failed try's turn was billed"
     billed = server_bill(messages_server)
     assert spent == pytest.approx(billed, abs=1e-9), (
         f"the directive reports ${spent} of ${billed} billed")

@@ -59,8 +59,8 @@ Invariants:
   (e) spend equals what the stand-ins billed, failed tries included (an agent that
       fails after billing, for good or once and retried by Temporal) and what a
       stop or a cancelled step cut off mid-way (an agent at work is billed as it
-      goes), unless a step was terminated or a cancel met a retry's backoff (README,
-      known limits);
+      goes, or waited for a retry), unless a step was terminated (README, known
+      limits);
   (f) no workflow task failed in any run of the directive or its steps, and
       every history replays against the workflow code;
   (g) the audit log agrees: one decision event per accepted decision, the last
@@ -558,7 +558,7 @@ class Fuzz:
                      if n == "plan_directive" and p.directive_id == handle.id]
             assert plans and plans[-1].spec.goal == outcome.goal, "(c) the goal change was lost"
         # (e) spend
-        if not outcome.terminated_a_step and not cancelled_in_a_backoff(children):
+        if not outcome.terminated_a_step:
             billed = self.stand.billed.get(handle.id, 0.0)
             assert abs(final.cost_usd - billed) < 1e-6, (
                 f"(e) spend {final.cost_usd} but the stand-ins billed {billed}")
@@ -587,16 +587,6 @@ def stop_answered_at(runs: list[Any]) -> datetime | None:
             if completed.meta.update_id in stops and completed.outcome.HasField("success"):
                 return event.event_time.ToDatetime()
     return None
-
-
-def cancelled_in_a_backoff(children: list[Any]) -> bool:
-    """Whether a step's activity was cancelled between two tries (the server records
-    no try then, and drops what the tries before were billed: README, known limits)."""
-    return any(e.HasField("activity_task_canceled_event_attributes")
-               and b"ACTIVITY_ID_NOT_STARTED" in e.activity_task_canceled_event_attributes
-               .details.payloads[0].data
-               for history in children for e in history.events
-               if e.activity_task_canceled_event_attributes.details.payloads)
 
 
 def merges_finished_at(children: list[Any]) -> list[datetime]:

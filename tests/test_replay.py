@@ -45,6 +45,9 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "stop-agent-call-in-flight", "stop-judge-call-in-flight", "stop-agent-command",
                 # cancelled with its cleanup's result: it reports its last attempt's spend
                 "step-cancelled-at-cleanup",
+                # stopped while its activity waited for a retry: it asked what the tries
+                # so far were billed
+                "stop-agent-waiting-for-a-retry",
                 # a checkpoint on what the run counted, the wall-time breaker on its timer
                 # (patch 'directive-decides-on-counts-and-timers', tests/test_stale_activations.py)
                 "checkpoint-counted"}

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from makima.contracts import (
         MERGING,
         ActivityName,
+        BilledSoFarInput,
         CheckoutInput,
         CleanupInput,
         CleanupOutput,
@@ -75,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.usage import (
         COUNT_CANCELLED_CALLS_PATCH,
         COUNT_FAILED_TRIES_PATCH,
+        COUNT_TRIES_BEFORE_A_CANCEL_PATCH,
         billed_usage,
         failed_while,
     )
@@ -371,7 +373,7 @@ class StepWorkflow:
         self._log.flush()
         i = self._input
         waits = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
-        return await self._billed(waits, workflow.start_activity(
+        return await self._billed(ActivityName.EXECUTE_STEP, waits, workflow.start_activity(
             ActivityName.EXECUTE_STEP.value,
             ExecuteInput(directive_id=i.directive_id, generation=i.generation,
                          spec=ExecutionSpec.of(i.spec),
@@ -419,7 +421,8 @@ class StepWorkflow:
                 if queue is not None and workflow.patched(EVALUATE_AND_MERGE):
                     return await self._evaluate_and_merge(queue, attempt, execution)
                 waits = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
-                return await self._billed(waits, workflow.start_activity(
+                return await self._billed(ActivityName.EVALUATE_STEP, waits,
+                                          workflow.start_activity(
                     ActivityName.EVALUATE_STEP.value,
                     EvaluateInput(directive_id=i.directive_id, generation=i.generation,
                                   spec=EvaluationSpec.of(i.spec), step=i.step, attempt=attempt,
@@ -476,7 +479,8 @@ class StepWorkflow:
             summary=f"{i.step.name}: evaluate attempt {attempt}, merge if it passes",
         )
         counts = workflow.patched(COUNT_CANCELLED_CALLS_PATCH)
-        done = await self._billed(counts, running, waits=True)
+        done = await self._billed(ActivityName.EVALUATE_AND_MERGE_STEP, counts, running,
+                                  waits=True)
         if done.merge is not None and done.merge.removed_worktrees:
             self._worktree_queues.remove(queue)
             self._removed_by_merge = True
@@ -487,8 +491,8 @@ class StepWorkflow:
         self._merged_with_evaluation = done.merge
         return done.evaluation
 
-    async def _billed(self, counts: bool, running: workflow.ActivityHandle[Any], *,
-                      waits: bool | None = None) -> Any:
+    async def _billed(self, activity: ActivityName, counts: bool,
+                      running: workflow.ActivityHandle[Any], *, waits: bool | None = None) -> Any:
         """The outcome of a billing activity (execute, evaluate, evaluate-and-merge)
         started with `_cancellation(waits)` (`waits` defaults to `counts`).
 
@@ -497,7 +501,9 @@ class StepWorkflow:
         holds after it (`_cancel_asked`, see `_run_attempt`). With `counts`, an end
         by the cancel adds what the activity was billed until then (its `Cancelled`
         failure carries it, the call that was in flight included: activities/billing.py)
-        to the step's spend, and ends the step cancelled."""
+        to the step's spend, and ends the step cancelled. A cancel that meets the
+        activity between two tries ends it with no try to say so: what its tries were
+        billed is asked for first (`_billed_so_far`) and counted then."""
         if not (counts if waits is None else waits):
             return await running
         try:
@@ -506,15 +512,40 @@ class StepWorkflow:
             self._cancel_asked = True
             # an outcome that arrived together with the cancel is taken, not cancelled
             await workflow.wait_condition(lambda: True)
+            before = Usage()
             if not running.done():
+                if counts and workflow.patched(COUNT_TRIES_BEFORE_A_CANCEL_PATCH):
+                    before = await self._billed_so_far(activity)
                 running.cancel()
             if not counts:
                 return await running  # raises the activity's cancellation when it stopped
             try:
                 return await running
             except ActivityError as err:
-                self._usage += billed_usage(err)
+                billed = billed_usage(err)  # nothing when no try was running to say it
+                self._usage += billed if billed != Usage() else before
                 raise asyncio.CancelledError(f"cancelled: {_cause(err)}") from None
+
+    async def _billed_so_far(self, activity: ActivityName) -> Usage:
+        """What the tries of this step's pending `activity` were billed so far, as the
+        server has it (activities/billing.py); Usage() when it cannot say."""
+        info = workflow.info()
+        try:
+            # an ordinary activity: a local one must be registered on this very worker,
+            # which may run workflows only (the SDK fails the task otherwise)
+            return await workflow.execute_activity(
+                ActivityName.BILLED_SO_FAR.value,
+                BilledSoFarInput(workflow_id=info.workflow_id, run_id=info.run_id,
+                                 activity_type=activity.value),
+                result_type=Usage,
+                schedule_to_close_timeout=c.BILLED_SO_FAR_TIMEOUT,
+                retry_policy=c.BILLED_SO_FAR_RETRY_POLICY,
+                summary=f"{self._input.step.name}: what {activity.value} was billed so far",
+            )
+        except ActivityError as err:
+            workflow.logger.warning("what %s was billed so far is unknown: %s", activity.value,
+                                    _cause(err))
+            return Usage()
 
     async def _merge(self, attempt: int, execution: ExecuteOutput) -> MergeOutput | None:
         self._log.flush()

@@ -8,8 +8,8 @@ try timed out (its worker died) left what all its tries were billed in that
 try's last heartbeat (activities/billing.py), which the TimeoutError carries. An
 activity the workflow cancelled (a stop) ends with a `Cancelled` ApplicationError
 carrying what it was billed until then. One cancelled between two tries carries
-nothing: the server records "ACTIVITY_ID_NOT_STARTED", not the last heartbeat
-(README, known limits).
+nothing (the server records "ACTIVITY_ID_NOT_STARTED", not the last heartbeat):
+the step asks what its tries were billed before it cancels it (workflows/step.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ COUNT_FAILED_TRIES_PATCH = "count-failed-tries"
 COUNT_TIMED_OUT_TRIES_PATCH = "count-timed-out-tries"
 #: And waiting for a cancelled billing activity's end, which says what it was billed.
 COUNT_CANCELLED_CALLS_PATCH = "count-cancelled-calls"
+#: And asking, before the cancel, what the tries of an activity waiting for a retry were
+#: billed (an activity: a new command).
+COUNT_TRIES_BEFORE_A_CANCEL_PATCH = "count-tries-before-a-cancel"
 
 
 def _usage(value: object) -> Usage:
