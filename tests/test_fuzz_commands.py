@@ -175,6 +175,9 @@ class Script:
     replan_scores: list[float]
     failing: dict[str, float]  # steps whose agent fails after spending this much
     flaky: dict[str, float]  # steps whose agent's first try fails after spending this much
+    #: A wall-time budget short enough to run out during the example (drawn last, so a
+    #: seed's other choices stay as they were before it existed).
+    max_wall_time_minutes: float | None = None
 
     @classmethod
     def from_seed(cls, seed: int) -> Script:
@@ -194,6 +197,7 @@ class Script:
             replan_scores=[rng.choice(SCORES) for _ in range(4)],
             failing={n: 0.03 for n in names if rng.random() < 0.1},
             flaky={n: 0.004 for n in names if rng.random() < 0.1},
+            max_wall_time_minutes=rng.choice((None, None, None, 0.01, 0.03)),
         )
 
 
@@ -237,6 +241,7 @@ class Outcome:
     decisions: int = 0
     stop: bool = False
     raised_to: float | None = None
+    raised_wall_to: float | None = None
     goal: str | None = None
     terminated_a_step: bool = False
     notes: list[str] = field(default_factory=list)
@@ -292,7 +297,8 @@ class Fuzz:
         self.replans[directive_id] = script.replan_scores
         spec = spec_of(*script.steps, planner="llm", budgets={
             "max_rework_cycles": script.max_rework_cycles,
-            "max_cost_usd": script.max_cost_usd})
+            "max_cost_usd": script.max_cost_usd,
+            "max_wall_time_minutes": script.max_wall_time_minutes})
         kwargs: dict[str, Any] = {"start_signal": "pause"} if script.pause_at_start else {}
         handle = await self.client.start_workflow(
             DirectiveWorkflow.run, spec, id=directive_id, task_queue=self.task_queue, **kwargs)
@@ -366,11 +372,8 @@ class Fuzz:
             outcome.stop |= await self._update(handle, DirectiveWorkflow.stop_directive,
                                                StopRequest(reason="fuzz stop"), outcome)
         elif action == "raise":
-            wanted = round((snap.budgets.max_cost_usd or 0.0) + 1.0, 2)
-            if snap.budgets.max_cost_usd is not None and await self._update(
-                    handle, DirectiveWorkflow.raise_directive_budget,
-                    BudgetRaise(max_cost_usd=wanted), outcome):
-                outcome.raised_to = max(outcome.raised_to or 0.0, wanted)
+            # a small raise of the wall time: it may run out again
+            await self._raise(handle, snap, outcome, wall_minutes=0.01)
         elif action == "goal":
             goal = f"goal {rng.randint(0, 10**6)}"
             if await self._update(handle, DirectiveWorkflow.update_directive_goal,
@@ -428,13 +431,25 @@ class Fuzz:
                     ApprovalDecision(step=pending.step, by="fuzz", attempt=pending.attempt),
                     outcome)
             elif snap.status is DirectiveStatus.PAUSED:
-                if snap.breaker and snap.budgets.max_cost_usd is not None:
-                    wanted = round(snap.budgets.max_cost_usd + 1.0, 2)
-                    if await self._update(handle, DirectiveWorkflow.raise_directive_budget,
-                                          BudgetRaise(max_cost_usd=wanted), outcome):
-                        outcome.raised_to = max(outcome.raised_to or 0.0, wanted)
+                if snap.breaker:
+                    await self._raise(handle, snap, outcome, wall_minutes=60.0)
                 await self._update(handle, DirectiveWorkflow.resume_directive, None, outcome)
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _raise(self, handle: WorkflowHandle[Any, Any], snap: DirectiveSnapshot,
+                     outcome: Outcome, wall_minutes: float) -> None:
+        """Raise the budgets the directive has: cost by $1, wall time by `wall_minutes`."""
+        budgets = snap.budgets
+        cost = None if budgets.max_cost_usd is None else round(budgets.max_cost_usd + 1.0, 2)
+        wall = (None if budgets.max_wall_time_minutes is None
+                else round(budgets.max_wall_time_minutes + wall_minutes, 4))
+        if (cost is not None or wall is not None) and await self._update(
+                handle, DirectiveWorkflow.raise_directive_budget,
+                BudgetRaise(max_cost_usd=cost, max_wall_time_minutes=wall), outcome):
+            if cost is not None:
+                outcome.raised_to = max(outcome.raised_to or 0.0, cost)
+            if wall is not None:
+                outcome.raised_wall_to = max(outcome.raised_wall_to or 0.0, wall)
 
     async def _pending_work(self, snap: DirectiveSnapshot) -> str:
         """Which step holds the directive up and why, for a failure message: an active
@@ -553,6 +568,9 @@ class Fuzz:
         # (c) accepted changes are kept
         if outcome.raised_to is not None:
             assert (final.budgets.max_cost_usd or 0) >= outcome.raised_to, "(c) a raise was lost"
+        if outcome.raised_wall_to is not None:
+            assert (final.budgets.max_wall_time_minutes or 0) >= outcome.raised_wall_to, (
+                "(c) a raise of the wall time was lost")
         if outcome.goal is not None and final.status is DirectiveStatus.COMPLETED:
             plans = [p for n, p in self.stand.calls
                      if n == "plan_directive" and p.directive_id == handle.id]
