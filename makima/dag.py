@@ -1,5 +1,5 @@
 """The step graph: plan validation, the ready frontier, dependency levels, steps
-to skip, and a layered position per step for drawing.
+to skip or revive, and a layered position per step for drawing.
 
 Pure functions over `Plan` and step statuses; no I/O, deterministic (every
 result follows plan order, never set order), safe in workflow code.
@@ -139,6 +139,16 @@ def steps_to_skip(plan: Plan, statuses: Mapping[str, StepStatus]) -> list[str]:
                 changed = True
     order = {name: i for i, name in enumerate(plan.names)}
     return sorted(skip, key=order.__getitem__)
+
+
+def steps_to_revive(plan: Plan, statuses: Mapping[str, StepStatus]) -> list[str]:
+    """Skipped steps that no dependency holds back any more (a failed step that is
+    being re-evaluated), in plan order: they are pending again."""
+    unskipped = {name: StepStatus.PENDING if status is StepStatus.SKIPPED else status
+                 for name, status in statuses.items()}
+    still = set(steps_to_skip(plan, unskipped))
+    return [name for name in plan.names
+            if statuses.get(name) is StepStatus.SKIPPED and name not in still]
 
 
 def levels(plan: Plan) -> dict[str, int]:

@@ -19,6 +19,7 @@ from makima.dag import (
     layout,
     levels,
     ready_steps,
+    steps_to_revive,
     steps_to_skip,
     topological_order,
     validate_plan,
@@ -219,6 +220,16 @@ def test_steps_to_skip_leave_running_and_already_skipped_steps_alone() -> None:
     assert steps_to_skip(DIAMOND, statuses) == ["e"]
     statuses = {"a": PASSED, "b": FAILED, "c": PASSED, "d": StepStatus.RUNNING}
     assert steps_to_skip(DIAMOND, statuses) == []
+
+
+def test_skipped_steps_are_revived_once_no_dependency_holds_them_back() -> None:
+    skipped = dict.fromkeys("bcde", StepStatus.SKIPPED)
+    # a failed, and is re-evaluated: everything it held back may run again
+    assert steps_to_revive(DIAMOND, {"a": StepStatus.EVALUATING, **skipped}) == ["b", "c", "d", "e"]
+    # c failed too: b is free, d and e still wait on c
+    assert steps_to_revive(DIAMOND, {"a": PASSED, "c": FAILED, "b": StepStatus.SKIPPED,
+                                     "d": StepStatus.SKIPPED, "e": StepStatus.SKIPPED}) == ["b"]
+    assert steps_to_revive(DIAMOND, {"a": FAILED, **skipped}) == []
 
 
 def test_nothing_to_skip_while_all_is_well() -> None:

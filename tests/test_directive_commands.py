@@ -187,6 +187,31 @@ async def test_a_step_cancelled_from_outside_fails_a_directive_that_cannot_repla
     assert (step_status(final, "a"), step_status(final, "b")) == ("cancelled", "skipped")
 
 
+async def test_a_failed_step_that_passes_on_re_evaluation_gives_back_its_dependants(
+        client: Client, task_queue: str) -> None:
+    # fuzz seed 752639: b stayed skipped once a passed, and the directive waited for good
+    stand = StandIns(scores={"a": [0.2, 0.95]})
+    gate = stand.gate("c")  # c keeps the generation open while a is failed
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of(
+            ("a", []), ("b", ["a"]), ("c", []), budgets={"max_rework_cycles": 0}))
+        failed = await wait_until(handle, lambda s: any(
+            x.name == "b" and x.status.value == "skipped" for x in s.steps))
+        assert step_status(failed, "a") in ("failed", "blocked")
+        await handle.execute_update(DirectiveWorkflow.reevaluate_step, StepRef(step="a"))
+        await wait_until(handle, lambda s: step_status(s, "a") == "passed")
+        gate.opened.set()
+        result = await asyncio.wait_for(handle.result(), 30)
+    assert result.status is DirectiveStatus.COMPLETED and result.generation == 1
+    assert [step_status(result, n) for n in "abc"] == ["passed", "passed", "passed"]
+    assert stand.called(PLAN) == [], "no new generation was needed"
+    b_statuses = [e.data["status"] for e in stand.events
+                  if e.type is EventType.STEP_STATUS and e.step == "b"]
+    skipped = b_statuses.index("skipped")
+    assert b_statuses[skipped:skipped + 3] == ["skipped", "pending", "running"], b_statuses
+    assert b_statuses[-1] == "passed"
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.03])
 async def test_a_stop_reaches_a_step_that_is_being_started(
         client: Client, task_queue: str, delay: float) -> None:

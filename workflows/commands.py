@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from makima.contracts import EventType, StepDecision
-    from makima.dag import validate_plan
+    from makima.dag import steps_to_revive, validate_plan
     from makima.models import (
         ApprovalDecision,
         BudgetRaise,
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from workflows.directive import DirectiveWorkflow
 
 REEVALUABLE = (StepStatus.BLOCKED, StepStatus.FAILED, StepStatus.AWAITING_APPROVAL)
+
+#: A failed or blocked step that is re-evaluated gives the dependants it had skipped
+#: back (pending): before, they stayed skipped and the directive waited for good
+#: once the step passed (fuzz seed 752639).
+REVIVES_DEPENDANTS_PATCH = "directive-reevaluate-revives-dependants"
 
 #: Once every step passed and the completion runs, a command can no longer change the end.
 COMPLETING = "the directive is completing: every step passed"
@@ -311,6 +316,9 @@ class DirectiveCommands:
         else:
             self._reevaluations[ref.step] = self._reevaluations.get(ref.step, 0) + 1
             self._start_step(ref.step, reevaluate=True)
+            if workflow.patched(REVIVES_DEPENDANTS_PATCH):
+                for name in steps_to_revive(self._plan_model, self._statuses()):
+                    self._set_step(name, status=StepStatus.PENDING, reason="")
         self._changed = True
 
 
