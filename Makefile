@@ -42,7 +42,7 @@ test-faults: $(STAMP) sandbox-tools fault-tools
 	  tests/test_payload_sizes.py tests/test_restart_queries.py tests/test_fuzz_commands.py
 
 # The interleaving fuzzer at length: thousands of random directives steered by random
-# commands (make test runs 150 of them). A failure prints MAKIMA_FUZZ_SEED=...
+# commands (make test runs 250 of them). A failure prints MAKIMA_FUZZ_SEED=...
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_RESTART_EXAMPLES=$${FUZZ_RESTART_EXAMPLES:-500} \
 	  FUZZ_BATCH=$${FUZZ_BATCH:-50} $(BIN)/pytest tests/test_fuzz_commands.py
