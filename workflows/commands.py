@@ -316,7 +316,7 @@ class DirectiveCommands:
         else:
             self._reevaluations[ref.step] = self._reevaluations.get(ref.step, 0) + 1
             self._start_step(ref.step, reevaluate=True)
-            if workflow.patched(REVIVES_DEPENDANTS_PATCH):
+            if self._patched(REVIVES_DEPENDANTS_PATCH):
                 for name in steps_to_revive(self._plan_model, self._statuses()):
                     self._set_step(name, status=StepStatus.PENDING, reason="")
         self._changed = True
