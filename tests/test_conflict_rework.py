@@ -111,10 +111,13 @@ async def test_a_directive_with_two_parallel_steps_on_one_line_completes_with_bo
     set_identity(monkeypatch)
     repo = make_repo(tmp_path / "repo", {"greeting.txt": "hello\n"})
 
+    # The first try waits 2 s before it writes, so both steps' worktrees exist before
+    # either merges (steps got fast enough that one could merge before the other began,
+    # and then nothing conflicted: 1 run in 5).
     def greet(team: str) -> str:
         return ("if grep -q '^<<<<<<<' greeting.txt; then "
                 "printf 'hello from A\\nhello from B\\n' > greeting.txt; "
-                f"else echo 'hello from {team}' > greeting.txt; fi")
+                f"else sleep 2; echo 'hello from {team}' > greeting.txt; fi")
 
     spec = DirectiveSpec.model_validate({
         "title": "greetings", "goal": "greet from both teams", "executor": "shell",
