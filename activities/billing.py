@@ -30,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from temporalio import activity
 
 from activities.errors import cancel_asked
@@ -41,16 +41,24 @@ from makima.contracts import ActivityName, BilledSoFarInput
 from makima.errors import Cancelled, MakimaError
 from makima.models import Usage
 
+M = TypeVar("M", bound=BaseModel)
 
-def usage_in(details: Sequence[Any] | None) -> Usage | None:
-    """The usage of the last `{"usage": ...}` detail among heartbeat details."""
+
+def detail_in(details: Sequence[Any] | None, key: str, model: type[M]) -> M | None:
+    """The `model` of the last `{key: {...}}` item among an activity's (heartbeat or
+    failure) details; None when there is none or it does not decode."""
     for item in reversed(list(details or [])):
-        if isinstance(item, dict) and isinstance(item.get("usage"), dict):
+        if isinstance(item, dict) and isinstance(item.get(key), dict):
             try:
-                return Usage.model_validate(item["usage"])
+                return model.model_validate(item[key])
             except ValidationError:
                 return None
     return None
+
+
+def usage_in(details: Sequence[Any] | None) -> Usage | None:
+    """The usage of the last `{"usage": ...}` detail among heartbeat details."""
+    return detail_in(details, "usage", Usage)
 
 
 def billed_before() -> Usage:

@@ -20,10 +20,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from pydantic import ValidationError
 from temporalio import activity
 
-from activities.billing import usage_detail
+from activities.billing import detail_in, usage_detail
 from activities.errors import application_error, translated_errors
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
@@ -72,13 +71,7 @@ def evaluated_before(details: Sequence[Any] | None) -> Evaluation | None:
     merging (its last heartbeat's details), or None."""
     if not details or details[0] != MERGING:
         return None
-    for item in details:
-        if isinstance(item, dict) and isinstance(item.get("evaluation"), dict):
-            try:
-                return Evaluation.model_validate(item["evaluation"])
-            except ValidationError:
-                return None
-    return None
+    return detail_in(details, "evaluation", Evaluation)
 
 
 async def merge_evaluated(merge: Awaitable[MergeOutput], evaluation: Evaluation) -> MergeOutput:

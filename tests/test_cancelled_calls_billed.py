@@ -103,6 +103,14 @@ async def stopped_spend(client: Client, task_queue: str, server: MessagesServer,
     return handle, result.cost_usd
 
 
+def assert_reports_the_bill(spent: float, messages_server: MessagesServer) -> float:
+    """The server's bill, which `spent` (the directive's reported spend) must equal."""
+    billed = server_bill(messages_server)
+    assert spent == pytest.approx(billed, abs=1e-9), (
+        f"the directive reports ${spent} of ${billed} billed")
+    return billed
+
+
 async def test_a_stop_while_the_agents_call_is_in_flight_counts_that_call_and_the_turns_before(
         client: Client, task_queue: str, repo: Path, messages_server: MessagesServer,
         pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
@@ -122,9 +130,7 @@ async def test_a_stop_while_the_agents_call_is_in_flight_counts_that_call_and_th
                                         stop_at_request=2, history="stop-agent-call-in-flight")
 
     assert len(messages_server.billed) >= 2, "turn 1 and the turn in flight were billed"
-    billed = server_bill(messages_server)
-    assert spent == pytest.approx(billed, abs=1e-9), (
-        f"the directive reports ${spent} of ${billed} billed")
+    billed = assert_reports_the_bill(spent, messages_server)
     recorded = await get_directive(pg_pool, handle.id)  # what the console and CLI show
     assert recorded.directive.cost_usd == pytest.approx(billed, abs=1e-9)
 
@@ -150,9 +156,7 @@ async def test_a_stop_while_the_judges_call_is_in_flight_counts_it_and_merges_no
                                         own_queue=f"{task_queue}-own")
 
     assert len(messages_server.billed) == 3, "the agent's two turns and the judge's verdict"
-    billed = server_bill(messages_server)
-    assert spent == pytest.approx(billed, abs=1e-9), (
-        f"the directive reports ${spent} of ${billed} billed")
+    assert_reports_the_bill(spent, messages_server)
     listed = sh("git", "ls-tree", "--name-only", integration_branch(handle.id), cwd=repo)
     assert "hello.txt" not in listed.split(), "nothing merges after a stop"
 
@@ -174,9 +178,7 @@ async def test_a_stop_while_the_agents_command_runs_counts_the_turns_before(
                                         stop_at_request=2, history="stop-agent-command")
 
     assert len(messages_server.billed) == 2, "the stop came before the third turn"
-    billed = server_bill(messages_server)
-    assert spent == pytest.approx(billed, abs=1e-9), (
-        f"the directive reports ${spent} of ${billed} billed")
+    assert_reports_the_bill(spent, messages_server)
 
 
 async def test_a_stop_while_the_agent_waits_for_a_retry_counts_the_failed_try(
@@ -200,6 +202,4 @@ async def test_a_stop_while_the_agent_waits_for_a_retry_counts_the_failed_try(
                                         history="stop-agent-waiting-for-a-retry")
 
     assert messages_server.billed, "the failed try's turn was billed"
-    billed = server_bill(messages_server)
-    assert spent == pytest.approx(billed, abs=1e-9), (
-        f"the directive reports ${spent} of ${billed} billed")
+    assert_reports_the_bill(spent, messages_server)

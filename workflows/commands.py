@@ -270,10 +270,11 @@ class DirectiveCommands:
 
     def _raise_answer(self: DirectiveWorkflow) -> str:
         # by the clock: only what the person reads (the breaker trips when its timer fires)
-        left = self._ledger.seconds_left(self._elapsed())
+        elapsed = self._elapsed()
+        left = self._ledger.seconds_left(elapsed)
         if left is not None and left <= 0:
             return (f"budgets raised, but the wall-time budget is still spent "
-                    f"({self._elapsed() / 60:.1f} of {self._spec.budgets.max_wall_time_minutes:g} "
+                    f"({elapsed / 60:.1f} of {self._spec.budgets.max_wall_time_minutes:g} "
                     "minutes): the directive stays paused; raise it further")
         return "budgets raised" + ("; resume to continue" if self._paused else "")
 
