@@ -66,6 +66,8 @@ from workflows.directive import DirectiveWorkflow
 HISTORIES = Path(__file__).parent / "histories"
 #: The gate name that holds the completion activity (step names cannot contain '<').
 COMPLETION_GATE = "<completion>"
+#: The gate name that holds the planning activity.
+PLAN_GATE = "<plan>"
 
 
 def evaluate_gate(step: str) -> str:
@@ -194,6 +196,10 @@ class StandIns:
         @activity.defn(name=ActivityName.PLAN_DIRECTIVE.value)
         async def plan_directive(input: PlanInput) -> PlanOutput:
             s.calls.append((ActivityName.PLAN_DIRECTIVE.value, input))
+            gate = s.gates.get(PLAN_GATE)
+            if gate is not None:
+                gate.reached.set()
+                await gate.opened.wait()
             if s.planner is not None:
                 return PlanOutput(plan=s.planner(input), usage=s.bill(input.directive_id,
                                                                       s.plan_cost))

@@ -50,7 +50,11 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "stop-agent-waiting-for-a-retry",
                 # a checkpoint on what the run counted, the wall-time breaker on its timer
                 # (patch 'directive-decides-on-counts-and-timers', tests/test_stale_activations.py)
-                "checkpoint-counted"}
+                "checkpoint-counted",
+                # cancelled from outside: a stop wherever it finds the directive (patch
+                # 'directive-cancel-is-a-stop', tests/test_cancelled_directive.py)
+                "cancelled-while-planning", "cancelled-while-running",
+                "cancelled-while-a-generation-ends"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

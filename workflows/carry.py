@@ -48,7 +48,8 @@ class DirectiveCarrying:
         self._stop_reason = carry.stop_reason
         self._goal_update = carry.goal_update
         self._branch = carry.integration_branch or integration_branch(self._id)
-        self._log = EventLog(self._id, self._id, carry.event_seq, gauge=self._gauge)
+        self._log = EventLog(self._id, self._id, carry.event_seq, gauge=self._gauge,
+                             keeps_batches=self._cancel_stops)
         if carry.current_plan is not None:
             self._plan_model = carry.current_plan
             self._planned = {s.name: s for s in carry.current_plan.steps}

@@ -50,7 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.children import DirectiveChildren
     from workflows.commands import DirectiveCommands, with_commands
     from workflows.history_gauge import ACTIVITY, SENT, TASK, TIMER, HistoryGauge
-    from workflows.planning import DirectivePlanning
+    from workflows.planning import DirectivePlanning, cancel_reason
     from workflows.status import DirectiveStatusView, Phase
     from workflows.usage import cause_of
 
@@ -76,6 +76,10 @@ KEEPS_EVERY_STEP_PATCH = "directive-no-step-without-a-run"
 #: clock an activation shows, which a status query can make one task early (see
 #: workflows/history_gauge.py; tests/test_stale_activations.py).
 COUNTS_NOT_CLOCK_PATCH = "directive-decides-on-counts-and-timers"
+#: A cancel from outside (`temporal workflow cancel`) is a stop wherever it finds the
+#: directive: while it prepares or plans it ended "failed", and while its events were
+#: written it was swallowed and the directive continued as new.
+CANCEL_IS_A_STOP_PATCH = "directive-cancel-is-a-stop"
 
 
 # A spec that does not decode (wrong types, missing fields: `temporal workflow start
@@ -125,6 +129,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._stop_waits = self._patched(STOP_WAITS_PATCH)
         self._keeps_every_step = self._patched(KEEPS_EVERY_STEP_PATCH)
         self._counts = self._patched(COUNTS_NOT_CLOCK_PATCH)
+        self._cancel_stops = self._patched(CANCEL_IS_A_STOP_PATCH)
         # a carry is only taken from the run this one continues; a start from outside
         # (the `temporal` CLI, any client) must not skip preparing and plan checks
         self._refusal = ""
@@ -186,8 +191,10 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
                     held_decisions=list(self._held.values())))
             return await self._next_generation()
         except asyncio.CancelledError:
+            if self._final is not None and self._cancel_stops:
+                return await self._finish()  # it had ended before the cancel came
             # cancelled from outside (e.g. `temporal workflow cancel`): same as stop
-            self._stop_reason = self._stop_reason or "the workflow was cancelled"
+            self._stop_reason = self._stop_reason or cancel_reason()
             await self._cancel_children()
             self._cancel_parked()
             self._end(DirectiveStatus.STOPPED, self._stop_reason)

@@ -28,9 +28,12 @@ with workflow.unsafe.imports_passed_through():
 
 class EventLog:
     def __init__(self, directive_id: str, source: str, last_seq: int = 0,
-                 gauge: HistoryGauge | None = None) -> None:
+                 gauge: HistoryGauge | None = None, keeps_batches: bool = False) -> None:
         self.directive_id = directive_id
         self.gauge = gauge  # counts the batches sent into the workflow's history
+        # a cancel of the workflow while `drain` waits leaves the batches being written
+        # (a later drain waits for them); without, it cancelled them and they were lost
+        self.keeps_batches = keeps_batches
         self.source = source
         self.seq = last_seq
         self.recent: deque[EventSummary] = deque(maxlen=RECENT_EVENTS)
@@ -111,6 +114,8 @@ class EventLog:
     async def drain(self) -> None:
         """Send what is buffered and wait until every batch is written."""
         self.flush()
+        if self.keeps_batches:
+            await workflow.wait_condition(lambda: all(f.done() for f, _ in self._in_flight))
         pending, self._in_flight = self._in_flight, []
         for future, _ in pending:
             try:

@@ -7,8 +7,10 @@ A mixin of DirectiveWorkflow, over its state; nothing here starts a step.
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from makima import constants as c
@@ -28,6 +30,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows.usage import COUNT_FAILED_TRIES_PATCH, billed_usage, cause_of
 
 
+def cancel_reason() -> str:
+    """The stop reason of a directive cancelled from outside makima."""
+    why = workflow.cancellation_reason()
+    return ("its workflow was cancelled from outside makima (temporal workflow cancel)"
+            + (f": {why}" if why else ""))
+
+
 class DirectivePlanning:
     """Planning, over `DirectiveWorkflow`'s state."""
 
@@ -44,6 +53,7 @@ class DirectivePlanning:
                 summary=f"prepare {self._spec.repository.location}"[:200],
             )
         except ActivityError as err:
+            self._stop_if_cancelled(err)
             self._end(DirectiveStatus.FAILED, f"the repository could not be prepared: {cause_of(err)}")
             return False
         self._branch = prepared.integration_branch
@@ -66,6 +76,7 @@ class DirectivePlanning:
                 try:
                     planned = await self._ask_planner(candidate, errors)
                 except ActivityError as err:
+                    self._stop_if_cancelled(err)
                     if self._patched(COUNT_FAILED_TRIES_PATCH):  # e.g. an invalid answer
                         self._cost = round(self._cost + billed_usage(err).cost_usd, 6)
                     self._event(EventType.PLAN_FAILED, cause_of(err), severity=Severity.ERROR,
@@ -92,6 +103,13 @@ class DirectivePlanning:
                           f"{refusal.reason}")
                 return None
             self._replans += 1
+
+    def _stop_if_cancelled(self, err: ActivityError) -> None:
+        """A cancel of the directive reached the activity: not its failure, but a stop
+        (DirectiveWorkflow.run takes it from here)."""
+        if (self._cancel_stops and workflow.cancellation_reason() is not None
+                and is_cancelled_exception(err)):
+            raise asyncio.CancelledError(cancel_reason()) from err
 
     def _plan_ok(self) -> bool:
         """False (and the directive failed) when the supplied first plan is invalid."""
