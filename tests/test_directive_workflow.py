@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
@@ -198,6 +199,24 @@ async def test_full_auto_passes_yellow_without_a_person(client: Client, task_que
     assert not [e for e in stand.events if e.type is EventType.APPROVAL_REQUESTED]
 
 
+async def answered_after_the_step_was_told(handle: Any, update: str) -> bool:
+    """The directive's history records the answer to `update` after the
+    `set_paused` signal it sent a running step was delivered."""
+    history = await handle.fetch_history()
+    told = answered = name = None
+    for index, event in enumerate(history.events):
+        if event.HasField("external_workflow_execution_signaled_event_attributes"):
+            told = index if told is None else told
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            accepted = event.workflow_execution_update_accepted_event_attributes
+            name = accepted.accepted_request.input.name
+        if (event.HasField("workflow_execution_update_completed_event_attributes")
+                and name == update):
+            answered = index
+    assert told is not None and answered is not None, "no signal, or no answer"
+    return told < answered
+
+
 async def test_pause_holds_new_launches_and_resume_continues(
         client: Client, task_queue: str) -> None:
     stand = StandIns()
@@ -208,6 +227,9 @@ async def test_pause_holds_new_launches_and_resume_continues(
         await asyncio.wait_for(gate.reached.wait(), 20)
         answer = await handle.execute_update(DirectiveWorkflow.pause_directive)
         assert answer.accepted
+        # the answer came once a's run had the pause: it cannot start its evaluation
+        # when its agent finishes now (answered before, it did: 1 run in 7, and in 13)
+        assert await answered_after_the_step_was_told(handle, "pause_directive")
         gate.opened.set()
         paused = await wait_until(handle, lambda s: s.status is DirectiveStatus.PAUSED)
         # a's agent finished, but nothing new starts while paused
@@ -219,7 +241,7 @@ async def test_pause_holds_new_launches_and_resume_continues(
         assert "already paused" in str(again.value.cause)
         await handle.signal(DirectiveWorkflow.resume)
         result = await handle.result()
-        await save_history(handle, client, "pause")
+        await save_history(handle, client, "pause-told")
 
     assert paused.status is DirectiveStatus.PAUSED
     assert result.status is DirectiveStatus.COMPLETED

@@ -54,7 +54,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 # cancelled from outside: a stop wherever it finds the directive (patch
                 # 'directive-cancel-is-a-stop', tests/test_cancelled_directive.py)
                 "cancelled-while-planning", "cancelled-while-running",
-                "cancelled-while-a-generation-ends"}
+                "cancelled-while-a-generation-ends",
+                # pause answered once the running step has it (patch
+                # 'directive-pause-answers-when-steps-told')
+                "pause-told"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

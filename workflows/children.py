@@ -7,6 +7,7 @@ in directive.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from temporalio import workflow
@@ -123,8 +124,15 @@ class DirectiveChildren:
                 self._held.pop(name, None)
             self._changed = True
 
-    async def _tell_paused(self, handle: workflow.ChildWorkflowHandle[Any, StepResult],
-                           paused: bool) -> None:
+    def _tell_paused(self, handle: workflow.ChildWorkflowHandle[Any, StepResult],
+                     paused: bool) -> Coroutine[Any, Any, None]:
+        """The signal that tells a step's run whether the directive is paused, counted
+        as undelivered from now (also before a task created with it first runs)."""
+        self._telling += 1
+        return self._signal_paused(handle, paused)
+
+    async def _signal_paused(self, handle: workflow.ChildWorkflowHandle[Any, StepResult],
+                             paused: bool) -> None:
         """Tell a step's run whether the directive is paused. A run that has ended
         meanwhile (cancelled or terminated from outside) cannot be told; its end reaches
         the directive as the child's result, so the refused signal is only logged."""
@@ -133,6 +141,8 @@ class DirectiveChildren:
             await handle.signal("set_paused", PauseState(paused=paused))
         except Exception as err:  # e.g. "external workflow not found": it has ended
             workflow.logger.info("could not tell %s paused=%s: %s", handle.id, paused, err)
+        finally:
+            self._telling -= 1
 
     def _end_orphans(self) -> None:
         """A step the directive holds as active has a run that is starting or running, or

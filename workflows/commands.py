@@ -44,6 +44,11 @@ REEVALUABLE = (StepStatus.BLOCKED, StepStatus.FAILED, StepStatus.AWAITING_APPROV
 #: once the step passed (fuzz seed 752639).
 REVIVES_DEPENDANTS_PATCH = "directive-reevaluate-revives-dependants"
 
+#: `pause_directive` answers once every running step has heard of the pause: answered
+#: before, a step whose agent finished just after the answer could start its
+#: evaluation before the signal reached it.
+PAUSE_ANSWERS_WHEN_TOLD_PATCH = "directive-pause-answers-when-steps-told"
+
 #: Once every step passed and the completion runs, a command can no longer change the end.
 COMPLETING = "the directive is completing: every step passed"
 
@@ -180,6 +185,11 @@ class DirectiveCommands:
         self._user_paused = True
         self._publish()
         self._relay_pause()
+
+    async def _steps_told(self: DirectiveWorkflow) -> None:
+        """Every step that runs or is being started has been told of the pause."""
+        if self._patched(PAUSE_ANSWERS_WHEN_TOLD_PATCH):
+            await workflow.wait_condition(lambda: not self._telling and not self._launching)
 
     def _resume(self: DirectiveWorkflow, request: Empty | None = None) -> None:
         self._user_paused = False
@@ -343,6 +353,8 @@ class Command:
     update: Handler
     signal: Handler | None = None
     is_async: bool = False  # apply awaits (relays to a child): a handler may interleave
+    #: what the update waits for after a sync apply, before it answers
+    settle: Callable[[Any], Awaitable[None]] | None = None
 
     @property
     def optional(self) -> bool:
@@ -360,7 +372,7 @@ COMMANDS = (
             answer=lambda wf, d: f"step {d.step!r} denied by {d.by}",
             signal=Handler("deny", "Deny a step that waits: it is blocked."),
             update=Handler("deny_step", "Deny a waiting step; says if refused.")),
-    Command(Empty | None, D._pause_problem, D._pause,
+    Command(Empty | None, D._pause_problem, D._pause, settle=D._steps_told,
             answer=lambda wf, _: "paused: no new step or attempt starts until resumed",
             signal=Handler("pause", "No new step or attempt starts until resumed."),
             update=Handler("pause_directive", "Pause; says if refused.")),
@@ -430,6 +442,14 @@ def _update(command: Command, handler: Handler) -> Any:
             # checked again: two updates may pass validation in one workflow task
             reject_if(command.problem(self, arg))
             await command.apply(self, arg)
+            return UpdateAnswer(message=command.answer(self, arg))
+    elif command.settle is not None:
+        settle = command.settle
+
+        async def update(self, arg):  # type: ignore[no-untyped-def]
+            self._gauge.add(UPDATE, arg)
+            command.apply(self, arg)
+            await settle(self)
             return UpdateAnswer(message=command.answer(self, arg))
     else:
         def update(self, arg):  # type: ignore[no-untyped-def]

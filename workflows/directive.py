@@ -117,6 +117,7 @@ class DirectiveWorkflow(DirectivePlanning, DirectiveChildren, DirectiveCarrying,
         self._checkpoint = False
         self._launching = 0
         self._starting: set[str] = set()  # steps whose child is being started
+        self._telling = 0  # pause or resume signals to steps not yet delivered
         self._last_status: DirectiveStatus | None = None
         self._last_visible = ""
         self._cancelling = False
