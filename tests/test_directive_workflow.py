@@ -159,13 +159,21 @@ async def test_yellow_waits_for_approval_and_approve_passes_it(
             ApprovalDecision(step="a", by="alice", comment="looks fine"))
         assert answer.accepted and "approved by alice" in answer.message
         result = await handle.result()
-        await save_history(handle, client, "approval")
+        await save_history(handle, client, "approval-once")
 
     assert result.status is DirectiveStatus.COMPLETED
     assert result.pending_approvals == []
     assert [s.status.value for s in result.steps] == ["passed", "passed"]
     decided = [e for e in stand.events if e.type is EventType.APPROVAL_DECIDED]
     assert [(e.step, e.actor, e.data["approved"]) for e in decided] == [("a", "alice", True)]
+    # the audit trail says once when the step began to wait, and who decided
+    a_trail = [(e.type.value, e.data.get("status")) for e in stand.events if e.step == "a"
+               and e.type in (EventType.STEP_STATUS, EventType.APPROVAL_REQUESTED,
+                              EventType.APPROVAL_DECIDED)]
+    waits = a_trail.index(("step_status", "awaiting_approval"))
+    assert a_trail[waits:waits + 4] == [
+        ("step_status", "awaiting_approval"), ("approval_requested", None),
+        ("approval_decided", None), ("step_status", "running")], a_trail
 
 
 async def test_deny_blocks_the_step(client: Client, task_queue: str) -> None:

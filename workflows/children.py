@@ -39,6 +39,10 @@ with workflow.unsafe.imports_passed_through():
 #: Dropped, it was only made up for by the step's result, which a cancelled step has not
 #: (fuzz seed 454083).
 LATE_REPORTS_COUNT_PATCH = "directive-late-reports-count"
+#: A result that repeats the status the step's last report gave (a step that returns to
+#: wait for a person reported "awaiting_approval" first) records no second step_status
+#: event: the audit trail said the step waited again, after the decision had come.
+ONE_STATUS_EVENT_PATCH = "directive-result-repeats-no-status-event"
 
 
 class DirectiveChildren:
@@ -201,11 +205,16 @@ class DirectiveChildren:
         self._cost = round(self._cost + extra, 6)
         if result.status in (StepStatus.FAILED, StepStatus.BLOCKED):
             self._failed_steps += 1
-        self._set_step(
-            result.name, status=result.status, attempts=max(state.attempts, result.attempts),
+        changes = dict(
+            status=result.status, attempts=max(state.attempts, result.attempts),
             rework_count=result.rework_count, score=result.score, confidence=result.confidence,
             summary=result.summary, reason=result.reason, branch=result.branch,
             commit=result.commit, cost_usd=round(state.cost_usd + extra, 6))
+        if result.status is state.status and self._patched(ONE_STATUS_EVENT_PATCH):
+            self._steps[result.name] = state.model_copy(update=changes)
+            self._changed = True
+        else:
+            self._set_step(result.name, **changes)
 
     def _count_spend(self, name: str, spent: float) -> float:
         """Add what step `name`'s current run reported it spent; the step's new spend."""
