@@ -20,8 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from makima.console.app import generation_outcome
 from makima.console.auth import Access, access_for, signed_in
 from makima.errors import SpecError
+from makima.store.reads import ChainRecord
 from tests.devstack_fixture import ROOT, STARTER, RunningDev, dev_stack, sample_repo  # noqa: F401
 from tests.postgres_fixture import pg_pool, postgres  # noqa: F401
 
@@ -122,6 +124,13 @@ def test_actions_answer_with_the_validators_message(dev_stack: RunningDev, sampl
         assert time.monotonic() < deadline
         time.sleep(0.3)
 
+    # its generation says what became of it, not its plan's "ready"
+    deadline = time.monotonic() + 20
+    while "generation 1 · completed" not in get(
+            f"{dev_stack.console_url}/directives/{directive_id}")[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
     report = dev_stack.cli("report", directive_id)
     assert report.returncode == 0, report.stderr
     text = report.stdout
@@ -172,6 +181,20 @@ def test_the_console_refuses_to_listen_open_beyond_loopback(dev_stack: RunningDe
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "will not listen on 0.0.0.0 open to anyone: set MAKIMA_CONSOLE_USERS" in done.stderr
+
+
+def test_each_generation_says_what_became_of_it() -> None:
+    def chain(generation: int, plan_status: str = "ready") -> ChainRecord:
+        return ChainRecord(generation=generation, plan_status=plan_status)
+
+    last = 2
+    assert generation_outcome(chain(1), "completed", last) == "ended, re-planned"
+    assert [generation_outcome(chain(2), status, last)
+            for status in ("active", "paused", "completed", "failed", "stopped")] == [
+        "running", "paused", "completed", "failed", "stopped"]
+    assert generation_outcome(chain(2, "planning"), "planning", last) == "planning"
+    assert generation_outcome(chain(2, "invalid"), "failed", last) == "plan invalid"
+    assert generation_outcome(chain(2, "failed"), "failed", last) == "planning failed"
 
 
 def test_who_is_signed_in() -> None:

@@ -123,6 +123,18 @@ async def _directive_context(console: Console, directive_id: str) -> dict[str, A
             "passed": sum(1 for s in detail.steps if s.status == "passed")}
 
 
+def generation_outcome(chain: reads.ChainRecord, directive_status: str, last: int) -> str:
+    """What became of a generation, as the page's list of generations says it: a plan
+    that is being made or could not be made, a generation a later one replaced, or
+    (the last one) the directive's own state; not "ready" for a finished one."""
+    if chain.plan_status in ("planning", "invalid", "failed"):
+        return {"planning": "planning", "invalid": "plan invalid",
+                "failed": "planning failed"}[chain.plan_status]
+    if chain.generation < last:
+        return "ended, re-planned"
+    return "running" if directive_status == "active" else directive_status
+
+
 async def directive_page(request: Request) -> Response:
     console: Console = request.app.state.console
     directive_id = request.path_params["id"]
@@ -135,11 +147,13 @@ async def directive_page(request: Request) -> Response:
     except NotFound as problem:
         return page(request, "missing.html", status_code=404, message=str(problem))
     chains = await reads.generations(console.pool, directive_id)
+    last = max((c.generation for c in chains), default=0)
+    outcomes = [(c, generation_outcome(c, context["d"].status, last)) for c in chains]
     from makima.report import directive_report
 
     return page(request, "directive.html", events=[(e.position, event_line(e)) for e in events],
                 report=await directive_report(console.pool, directive_id),
-                last_position=events[-1].position if events else 0, chains=chains,
+                last_position=events[-1].position if events else 0, chains=outcomes,
                 ui_url=console.ui_url, **context)
 
 
