@@ -31,7 +31,14 @@ from makima.executors.model_proxy import PLACEHOLDER_KEY
 from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
 from makima.workspace import Workspace, session_home
 from tests.fakes.repos import make_repo, set_identity, show
-from tests.messages_server import MessagesServer, ReceivedRequest, Reply, text_reply, tool_reply
+from tests.messages_server import (
+    MessagesServer,
+    ReceivedRequest,
+    Reply,
+    Responder,
+    text_reply,
+    tool_reply,
+)
 from tests.test_sandbox import Target, target  # noqa: F401 (the fixture)
 
 pytest.importorskip("claude_agent_sdk", reason="the `claude` extra is not installed")
@@ -40,15 +47,17 @@ DIRECTIVE = "directive-real-claude-0001"
 MODEL = "claude-sonnet-4-5"
 
 
-def agent_turns(*replies: Reply) -> Any:
+def agent_turns(*replies: Reply | Responder) -> Any:
     """A responder: the agent loop's requests (they carry Claude Code's tools) get
-    `replies` in order; anything else the CLI asks on the side gets a short text."""
+    `replies` in order (a responder is called); anything else the CLI asks on the
+    side gets a short text."""
     queue = list(replies)
 
     def respond(request: ReceivedRequest) -> Reply:
         tools = {tool.get("name") for tool in request.body.get("tools") or []}
         if "Bash" in tools and queue:
-            return queue.pop(0)
+            reply = queue.pop(0)
+            return reply(request) if callable(reply) else reply
         return text_reply("ok", model=MODEL)
 
     return respond

@@ -18,7 +18,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.execution import ExecutionActivities
 from makima.contracts import ExecuteInput, ExecuteOutput, PrepareInput, ReworkContext
-from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository
+from makima.llm.pricing import usage_from_api
+from makima.models import DirectiveSpec, ExecutorKind, PlannedStep, Repository, Usage
 from tests.fakes.repos import install_fake, make_repo, set_identity, show
 
 pytest.importorskip("claude_agent_sdk", reason="the `claude` extra is not installed")
@@ -279,3 +280,30 @@ async def test_cancelling_kills_claude_code_and_its_commands(
         running.cancel()
         if child is not None and _alive(child):
             os.kill(child, 9)
+
+
+async def test_a_cancel_after_a_billed_turn_reports_that_turn_priced_once(
+        tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the sandbox off no model proxy counts the calls: a cancelled attempt (no
+    result message) reports the stream's usage, one message id once, priced."""
+    monkeypatch.setenv("FAKE_CLAUDE_MODE", "turn-then-hang")
+    monkeypatch.setenv("FAKE_CLAUDE_CHILD_PID", str(tmp_path / "child.pid"))
+    heartbeats: list[dict[str, Any]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    running = asyncio.create_task(_run(tmp_path, env))
+    try:
+        for _ in range(200):
+            if any(beat.get("usage") for beat in heartbeats):
+                break
+            await asyncio.sleep(0.05)
+        env.cancel()
+        with pytest.raises(ApplicationError) as caught:
+            await asyncio.wait_for(running, 20)
+    finally:
+        running.cancel()
+    turn = usage_from_api("claude-sonnet-4-5", {"input_tokens": 2000, "output_tokens": 1,
+                                                "cache_read_input_tokens": 300})
+    assert caught.value.type == "Cancelled"
+    assert Usage.model_validate(caught.value.details[0]["usage"]) == turn
+    assert turn.cost_usd > 0

@@ -24,8 +24,18 @@ directory of its own, so a retry resumes that session (`--resume`) only where
 the earlier try's session file is (the same machine; `adopt_session` copies it
 into the new try's home); elsewhere it starts a new session, told what the
 earlier try did (activities/execution.py builds that account), rather than
-failing on every retry with "No conversation found". Cost comes from the result
-message.
+failing on every retry with "No conversation found".
+
+Cost: the result message's total is the attempt's cost. Until it comes, and
+when it never does (a stop kills the CLI, the CLI crashes), what the attempt
+was billed is the model proxy's count of every answer it relayed
+(makima/executors/api_meter.py), priced with makima's table: reported with
+every progress, and in the failure or the cancel. A stop waits up to
+CANCEL_GRACE_SECONDS for a call that was out when the CLI was killed (the API
+bills it all the same), as the `anthropic` executor does. With the sandbox off
+there is no proxy, and the running count is the stream's: each assistant
+message's usage as the API began it, whose output tokens are not final (README,
+known limits).
 
 Claude Code is started through a tiny launcher that gives it a process group of
 its own, led by makima's watchdog (makima/lifeline.py: the group dies with the
@@ -47,6 +57,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -58,6 +69,7 @@ from typing import Any
 
 from makima import lifeline
 from makima.errors import ExecutorError
+from makima.executors.api_meter import ApiMeter
 from makima.executors.base import (
     OUTPUT_TAIL_CHARS,
     ExecutionRequest,
@@ -72,6 +84,8 @@ from makima.executors.model_proxy import (
     SANDBOX_API_PORT,
     ModelProxy,
 )
+from makima.llm.client import CANCEL_GRACE_SECONDS
+from makima.llm.pricing import usage_from_api
 from makima.models import ExecutorKind, Usage
 from makima.process import (
     KILL_GRACE_SECONDS,
@@ -82,6 +96,8 @@ from makima.process import (
 )
 from makima.sandbox import Confinement, bwrap_command, sandbox_enabled
 from makima.workspace import session_home
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TURNS = 200
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
@@ -177,13 +193,17 @@ class ClaudeCodeExecutor:
             resume = None
             request.report(session_id=None)
         stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        # every call the CLI makes passes the model proxy, which counts what it is billed
+        meter = (ApiMeter(lambda _: request.report(usage=spend.total))
+                 if sandbox_enabled() else None)
+        spend = _Spend(request.resume_usage or Usage(), meter)
         with tempfile.TemporaryDirectory(prefix="makima-claude-") as folder:
             scratch = Path(folder)
             pidfile = scratch / "pid"
             async with contextlib.AsyncExitStack() as stack:
                 argv, env = _confined_cli(cli, request, scratch, home)
-                if sandbox_enabled():
-                    await stack.enter_async_context(ModelProxy(scratch / "api.sock"))
+                if meter is not None:
+                    await stack.enter_async_context(ModelProxy(scratch / "api.sock", meter=meter))
                 launch = scratch / "launch.json"
                 # the SDK starts the launcher from this process: the watchdog's parent
                 launch.write_text(json.dumps({"pidfile": str(pidfile),
@@ -208,7 +228,7 @@ class ClaudeCodeExecutor:
                 # one reaches us first: we kill Claude Code's process group, then let the
                 # SDK clean up (it would otherwise wait for the CLI to exit on its own).
                 conversation = asyncio.create_task(
-                    self._converse(sdk, request, options, stderr))
+                    self._converse(sdk, request, options, stderr, spend))
                 try:
                     result = await asyncio.shield(conversation)
                 except asyncio.CancelledError:
@@ -216,6 +236,14 @@ class ClaudeCodeExecutor:
                     conversation.cancel()
                     with contextlib.suppress(BaseException):
                         await conversation
+                    # the progress (and so the cancel's report) carries what was billed
+                    await _settled_spend(spend, request)
+                    raise
+                except ExecutorError as exc:
+                    # no result message: what the calls so far were billed goes with
+                    # the failure
+                    _signal_group_from(pidfile, signal.SIGKILL)
+                    exc.usage = await _settled_spend(spend, request)
                     raise
                 finally:
                     # Commands Claude Code left running must not outlive the attempt.
@@ -225,10 +253,9 @@ class ClaudeCodeExecutor:
         return result
 
     async def _converse(self, sdk: Any, request: ExecutionRequest, options: Any,
-                        stderr: collections.deque[str]) -> ExecutionResult:
+                        stderr: collections.deque[str], spend: _Spend) -> ExecutionResult:
         session_id = options.resume
-        earlier = request.resume_usage or Usage()
-        billed: dict[str, Usage] = {}  # this run's API calls so far, by message id
+        earlier = spend.earlier
         texts: list[str] = []
         result: Any = None
         turns = 0
@@ -248,11 +275,10 @@ class ClaudeCodeExecutor:
                         elif isinstance(block, sdk.ToolUseBlock):
                             last_tool = block.name
                             texts.append(f"[{block.name}] {str(block.input)[:300]}")
-                    if message.usage and message.message_id:
-                        billed[message.message_id] = _tokens(message.usage)
+                    spend.saw(message)
                     request.report(turns=turns, last_tool=last_tool,
                                    session_id=message.session_id or session_id,
-                                   usage=sum(billed.values(), earlier),
+                                   usage=spend.total,
                                    output_tail="\n".join(texts[-6:]))
                 elif isinstance(message, sdk.ResultMessage):
                     result = message
@@ -289,6 +315,44 @@ class ClaudeCodeExecutor:
             session_id=session_id,
             usage=usage,
         )
+
+
+class _Spend:
+    """What the attempt has been billed before its result message says: its earlier
+    tries' usage plus this run's calls, one per message id: as the model proxy
+    counted them, else (no proxy with the sandbox off, or an answer the proxy has
+    not finished reading) as the stream reported them (a message streamed in parts
+    repeats its id and usage)."""
+
+    def __init__(self, earlier: Usage, meter: ApiMeter | None) -> None:
+        self.earlier = earlier
+        self.meter = meter
+        self._streamed: dict[str, Usage] = {}
+
+    def saw(self, message: Any) -> None:
+        """An assistant message of the stream."""
+        if message.usage and message.message_id:
+            self._streamed[message.message_id] = usage_from_api(message.model or "",
+                                                                message.usage)
+
+    @property
+    def total(self) -> Usage:
+        metered = self.meter.calls if self.meter is not None else {}
+        streamed = (used for key, used in self._streamed.items() if key not in metered)
+        return sum(streamed, sum(metered.values(), self.earlier))
+
+
+async def _settled_spend(spend: _Spend, request: ExecutionRequest) -> Usage:
+    """What the attempt was billed, once the calls still out when the CLI ended have
+    answered (each is billed, whoever reads it), waiting up to CANCEL_GRACE_SECONDS;
+    reported as progress too, which a cancel reports (activities/execution.py)."""
+    if spend.meter is not None and not await spend.meter.settled(CANCEL_GRACE_SECONDS):
+        logger.warning("a call of Claude Code's was still out %.0f s after the CLI ended; "
+                       "it was abandoned, and what the API bills for it is not counted",
+                       CANCEL_GRACE_SECONDS)
+    total = spend.total
+    request.report(usage=total)
+    return total
 
 
 def _tokens(raw: dict[str, Any]) -> Usage:

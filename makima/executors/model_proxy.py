@@ -12,6 +12,11 @@ relays the answer back byte for byte (server-sent events included).
 
 So the CLI and every command it runs see a placeholder key, reach nothing but
 the model API, and cannot read the real key from any environment or file.
+
+Every call passes here, so the proxy is also where what they are billed is read
+(an `ApiMeter`, makima/executors/api_meter.py). It asks the API for answers
+without compression, so that they can be read; and it reads an answer to its
+end even when the CLI has gone (killed by a stop), since the API bills it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from makima.executors.api_meter import ApiMeter
+
 #: The port the forwarder listens on inside the sandbox's network namespace.
 SANDBOX_API_PORT = 8787
 #: What the CLI gets as its API key: the proxy puts the real one in.
 PLACEHOLDER_KEY = "makima-sandbox-placeholder"
 DEFAULT_API_URL = "https://api.anthropic.com"
 _DROPPED = {"host", "x-api-key", "authorization", "connection", "keep-alive",
-            "proxy-connection", "content-length", "transfer-encoding"}
+            "proxy-connection", "content-length", "transfer-encoding", "accept-encoding"}
 
 #: Run inside the sandbox as `python FORWARDER_FILE SOCKET PORT CLI ARGS...`: a
 #: forked child relays 127.0.0.1:PORT to SOCKET; the parent waits until it
@@ -107,10 +114,14 @@ async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]
 
 class ModelProxy:
     """`async with ModelProxy(socket_path):` serves the model API on a unix socket
-    with the worker's credentials, until the block ends."""
+    with the worker's credentials, until the block ends (a call still out then is
+    abandoned). `meter` counts what every call is billed."""
 
-    def __init__(self, socket_path: Path, upstream: str | None = None) -> None:
+    def __init__(self, socket_path: Path, upstream: str | None = None,
+                 meter: ApiMeter | None = None) -> None:
         self.socket_path = socket_path
+        self.meter = meter or ApiMeter()
+        self._serving: set[asyncio.Task[None]] = set()
         base = (upstream or os.environ.get("ANTHROPIC_BASE_URL") or "").strip() or DEFAULT_API_URL
         parts = urlsplit(base)
         self.secure = parts.scheme == "https"
@@ -126,12 +137,17 @@ class ModelProxy:
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
             self._server.close()
+            for task in list(self._serving):
+                task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A broken request or connection: the CLI sees a dropped connection and
         # retries; nothing to keep.
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
         try:
             with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                                      ConnectionError, ValueError, OSError):
@@ -141,8 +157,10 @@ class ModelProxy:
                 headers = [(name.strip(), value.strip()) for name, value in
                            (line.split(":", 1) for line in lines if ":" in line)]
                 body = await _read_body(reader, headers)
-                await self._forward(method, target, headers, body, writer)
+                with self.meter.call():
+                    await self._forward(method, target, headers, body, writer)
         finally:
+            self._serving.discard(task)  # type: ignore[arg-type]
             writer.close()
 
     async def _forward(self, method: str, target: str, headers: list[tuple[str, str]],
@@ -153,7 +171,7 @@ class ModelProxy:
             host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
             kept = [(n, v) for n, v in headers if n.lower() not in _DROPPED]
             sent = [("host", host), *kept, *_credentials(), ("content-length", str(len(body))),
-                    ("connection", "close")]
+                    ("accept-encoding", "identity"), ("connection", "close")]
             head = f"{method} {self.prefix}{target} HTTP/1.1\r\n" + "".join(
                 f"{name}: {value}\r\n" for name, value in sent) + "\r\n"
             up_writer.write(head.encode("latin-1") + body)
@@ -163,10 +181,29 @@ class ModelProxy:
             answer = (await up_reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             status, *fields = answer.rstrip("\r\n").split("\r\n")
             fields = [f for f in fields if not f.lower().startswith(("connection:", "keep-alive:"))]
-            writer.write(("\r\n".join([status, *fields, "connection: close"]) + "\r\n\r\n")
-                         .encode("latin-1"))
-            while data := await up_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+            answer_reading = self.meter.answer(
+                method, target, status,
+                [(n.strip(), v.strip()) for n, v in (f.split(":", 1) for f in fields if ":" in f)],
+                body)
+            relaying = True
+            try:
+                writer.write(("\r\n".join([status, *fields, "connection: close"]) + "\r\n\r\n")
+                             .encode("latin-1"))
+                while data := await up_reader.read(65536):
+                    if answer_reading is not None:
+                        answer_reading.feed(data)
+                    if relaying:
+                        try:
+                            writer.write(data)
+                            await writer.drain()
+                        except (ConnectionError, OSError):
+                            # the CLI has gone (a stop killed it): the API bills the
+                            # answer all the same, so it is read to its end
+                            relaying = False
+                            if answer_reading is None:
+                                break
+            finally:
+                if answer_reading is not None:
+                    self.meter.count(answer_reading)
         finally:
             up_writer.close()
