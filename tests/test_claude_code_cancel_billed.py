@@ -82,9 +82,17 @@ async def test_a_stop_while_claude_codes_command_runs_counts_the_turns_before(
     assert_reports_the_bill(spent, messages_server)
 
 
+@pytest.mark.parametrize("sandbox", ["on", "off"])
 async def test_a_stop_while_claude_codes_call_is_in_flight_counts_that_call(
         client: Client, task_queue: str, repo: Path, messages_server: MessagesServer,  # noqa: F811
-        pg_pool: asyncpg.Pool, real_cli: None) -> None:  # noqa: F811
+        pg_pool: asyncpg.Pool, real_cli: None, sandbox: str,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sandboxed, and unconfined (MAKIMA_SANDBOX=off: the CLI talks to the proxy on the
+    worker's loopback; as root it needs a permission mode other than bypassPermissions,
+    which denies its Bash commands, and the turns are billed all the same)."""
+    monkeypatch.setenv("MAKIMA_SANDBOX", sandbox)
+    if sandbox == "off":
+        monkeypatch.setenv("MAKIMA_CLAUDE_PERMISSION_MODE", "acceptEdits")
     # turn 1 answers at once; every later turn is out for GENERATION_SECONDS: the stop
     # arrives while the API generates one, the CLI is killed, and the API bills the
     # answer all the same

@@ -284,8 +284,9 @@ async def test_cancelling_kills_claude_code_and_its_commands(
 
 async def test_a_cancel_after_a_billed_turn_reports_that_turn_priced_once(
         tmp_path: Path, fake_claude: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the sandbox off no model proxy counts the calls: a cancelled attempt (no
-    result message) reports the stream's usage, one message id once, priced."""
+    """The stand-in reports a turn it never sent through the model proxy: a cancelled
+    attempt (no result message) still reports the stream's usage for it, one message
+    id once, priced."""
     monkeypatch.setenv("FAKE_CLAUDE_MODE", "turn-then-hang")
     monkeypatch.setenv("FAKE_CLAUDE_CHILD_PID", str(tmp_path / "child.pid"))
     heartbeats: list[dict[str, Any]] = []

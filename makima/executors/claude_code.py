@@ -33,9 +33,8 @@ was billed is the model proxy's count of every answer it relayed
 every progress, and in the failure or the cancel. A stop waits up to
 CANCEL_GRACE_SECONDS for a call that was out when the CLI was killed (the API
 bills it all the same), as the `anthropic` executor does. With the sandbox off
-there is no proxy, and the running count is the stream's: each assistant
-message's usage as the API began it, whose output tokens are not final (README,
-known limits).
+the CLI runs unconfined but still talks to the proxy, on a port of the worker's
+loopback, so the count is the same.
 
 Claude Code is started through a tiny launcher that gives it a process group of
 its own, led by makima's watchdog (makima/lifeline.py: the group dies with the
@@ -194,16 +193,17 @@ class ClaudeCodeExecutor:
             request.report(session_id=None)
         stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         # every call the CLI makes passes the model proxy, which counts what it is billed
-        meter = (ApiMeter(lambda _: request.report(usage=spend.total))
-                 if sandbox_enabled() else None)
+        meter = ApiMeter(lambda _: request.report(usage=spend.total))
         spend = _Spend(request.resume_usage or Usage(), meter)
         with tempfile.TemporaryDirectory(prefix="makima-claude-") as folder:
             scratch = Path(folder)
             pidfile = scratch / "pid"
             async with contextlib.AsyncExitStack() as stack:
-                argv, env = _confined_cli(cli, request, scratch, home)
-                if meter is not None:
-                    await stack.enter_async_context(ModelProxy(scratch / "api.sock", meter=meter))
+                # sandboxed, the CLI reaches the proxy through a socket bound into the
+                # sandbox; unconfined, on a port of the worker's loopback
+                proxy = await stack.enter_async_context(ModelProxy(
+                    scratch / "api.sock" if sandbox_enabled() else None, meter=meter))
+                argv, env = _confined_cli(cli, request, scratch, home, proxy)
                 launch = scratch / "launch.json"
                 # the SDK starts the launcher from this process: the watchdog's parent
                 launch.write_text(json.dumps({"pidfile": str(pidfile),
@@ -320,11 +320,11 @@ class ClaudeCodeExecutor:
 class _Spend:
     """What the attempt has been billed before its result message says: its earlier
     tries' usage plus this run's calls, one per message id: as the model proxy
-    counted them, else (no proxy with the sandbox off, or an answer the proxy has
-    not finished reading) as the stream reported them (a message streamed in parts
-    repeats its id and usage)."""
+    counted them, else (an answer the proxy has not finished reading, or a CLI
+    that reports calls the proxy never saw) as the stream reported them (a message
+    streamed in parts repeats its id and usage)."""
 
-    def __init__(self, earlier: Usage, meter: ApiMeter | None) -> None:
+    def __init__(self, earlier: Usage, meter: ApiMeter) -> None:
         self.earlier = earlier
         self.meter = meter
         self._streamed: dict[str, Usage] = {}
@@ -337,7 +337,7 @@ class _Spend:
 
     @property
     def total(self) -> Usage:
-        metered = self.meter.calls if self.meter is not None else {}
+        metered = self.meter.calls
         streamed = (used for key, used in self._streamed.items() if key not in metered)
         return sum(streamed, sum(metered.values(), self.earlier))
 
@@ -346,7 +346,7 @@ async def _settled_spend(spend: _Spend, request: ExecutionRequest) -> Usage:
     """What the attempt was billed, once the calls still out when the CLI ended have
     answered (each is billed, whoever reads it), waiting up to CANCEL_GRACE_SECONDS;
     reported as progress too, which a cancel reports (activities/execution.py)."""
-    if spend.meter is not None and not await spend.meter.settled(CANCEL_GRACE_SECONDS):
+    if not await spend.meter.settled(CANCEL_GRACE_SECONDS):
         logger.warning("a call of Claude Code's was still out %.0f s after the CLI ended; "
                        "it was abandoned, and what the API bills for it is not counted",
                        CANCEL_GRACE_SECONDS)
@@ -398,18 +398,17 @@ def _regular_file(path: Path, max_bytes: int) -> bool:
     return stat.S_ISREG(status.st_mode) and status.st_size <= max_bytes
 
 
-def _confined_cli(cli: str, request: ExecutionRequest, scratch: Path,
-                  home: Path) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that start the CLI: inside the sandbox, behind
-    the model proxy's forwarder, with a placeholder key; or, with the sandbox off,
-    the CLI itself with the worker's Anthropic settings."""
+def _confined_cli(cli: str, request: ExecutionRequest, scratch: Path, home: Path,
+                  proxy: ModelProxy) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start the CLI with a placeholder key, talking
+    to the model proxy: inside the sandbox, behind the proxy's forwarder; or, with
+    the sandbox off, the CLI itself, to the proxy's port on the worker's loopback."""
     sandbox = request.spec.sandbox
     quiet = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
     if not sandbox_enabled():
-        worker = {name: os.environ[name] for name in
-                  ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")
-                  if os.environ.get(name)}
-        env = agent_environment({**quiet, **worker, "HOME": str(home)}, declared=sandbox.env)
+        env = agent_environment({**quiet, "ANTHROPIC_BASE_URL": proxy.base_url,
+                                 "ANTHROPIC_API_KEY": PLACEHOLDER_KEY, "HOME": str(home)},
+                                declared=sandbox.env)
         return [cli], env
     forwarder = scratch / "forwarder.py"
     forwarder.write_text(FORWARDER)

@@ -115,9 +115,11 @@ async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]
 class ModelProxy:
     """`async with ModelProxy(socket_path):` serves the model API on a unix socket
     with the worker's credentials, until the block ends (a call still out then is
-    abandoned). `meter` counts what every call is billed."""
+    abandoned). With no `socket_path` it serves on a port of the worker's loopback
+    instead (`base_url`), for a CLI that runs without the sandbox. `meter` counts
+    what every call is billed."""
 
-    def __init__(self, socket_path: Path, upstream: str | None = None,
+    def __init__(self, socket_path: Path | None, upstream: str | None = None,
                  meter: ApiMeter | None = None) -> None:
         self.socket_path = socket_path
         self.meter = meter or ApiMeter()
@@ -131,8 +133,19 @@ class ModelProxy:
         self._server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> ModelProxy:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        if self.socket_path is not None:
+            self._server = await asyncio.start_unix_server(self._serve,
+                                                           path=str(self.socket_path))
+        else:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
+
+    @property
+    def base_url(self) -> str:
+        """Where a CLI on the worker's own loopback reaches the proxy."""
+        assert self._server is not None and self.socket_path is None, "not on a port"
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
 
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
