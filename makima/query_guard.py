@@ -41,16 +41,34 @@ with the commands the query's activation made, and that activation saw a history
 length and time one task early. So the directive decides nothing on those: its
 checkpoint on what it counted (workflows/history_gauge.py), its wall-time breaker
 on a timer (tests/test_stale_activations.py).
+
+One more difference between a first run and a replay is not a query's: Core (its
+WFT chunking v1) runs a workflow task that completed without commands, after one
+that also had none and followed at once by the next task's WorkflowTaskScheduled,
+together with that next task when a worker without the workflow cached replays it
+to answer the task; every later replay runs them apart. An update brings no event
+of its own, so a pause after two such tasks on a restarted worker met, in one
+activation, the result the task before had already run. Under the SDK's legacy
+job order the workflow's main loop ran between the update and that result, and the
+commands came out in another order than any replay makes them (fuzz seeds 123349,
+232937; temporalio/sdk-rust#1146, #1606). So the runner turns on the SDK's
+PROCESS_WORKFLOW_ACTIVATION_JOBS_AS_SINGLE_BATCH flag for new workflow tasks: every
+job of an activation is applied before any coroutine runs, and the main loop runs
+after the result in both ways. The flag is recorded in the workflow task that first
+used it, so replays do the same from there, and older histories replay as they
+were (tests/test_cold_worker_update.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from temporalio.bridge.proto.workflow_activation import WorkflowActivation
 from temporalio.bridge.proto.workflow_completion import WorkflowActivationCompletion
 from temporalio.worker import WorkflowInstance, WorkflowInstanceDetails, WorkflowRunner
+from temporalio.worker._workflow_instance import _WorkflowLogicFlag
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 log = logging.getLogger("makima.worker")
@@ -188,8 +206,18 @@ class _Guarded(ForwardingInstance):
         return completion
 
 
+#: The SDK's flags this runner turns on for new workflow tasks (see above); the SDK
+#: leaves them off by default until its older releases, which cannot replay them, age.
+LOGIC_FLAGS = frozenset({_WorkflowLogicFlag.PROCESS_WORKFLOW_ACTIVATION_JOBS_AS_SINGLE_BATCH})
+
+
 class QueryGuardRunner(WrappingRunner):
-    """SandboxedWorkflowRunner whose instances undo what a query ran (see above)."""
+    """SandboxedWorkflowRunner whose instances undo what a query ran and take an
+    activation's jobs in one batch (see above)."""
+
+    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
+        return super().create_instance(dataclasses.replace(
+            det, default_workflow_logic_flags=det.default_workflow_logic_flags | LOGIC_FLAGS))
 
     def wrap(self, instance: WorkflowInstance) -> WorkflowInstance:
         return _Guarded(instance)
