@@ -25,9 +25,12 @@ With restarts the fuzzer found histories that did not replay ("Update machine do
 not handle this event: ActivityTaskScheduled"): a status query that met an
 activity's result before its workflow task made SDK Core run the result for the
 query (see makima/query_guard.py, the worker's workaround, and
-tests/test_restart_queries.py). The plain run (`make test`) has no restarts (they
-cost time); test_every_accepted_command_holds_across_worker_restarts runs them in
-`make test-faults` and `make fuzz`, and FUZZ_RESTARTS=1 adds them to the plain run.
+tests/test_restart_queries.py), and an update that met, on a restarted worker, a
+result Core ran with it although an earlier task had run it (seeds 123349 and
+232937; tests/test_cold_worker_update.py). `make test` runs
+test_every_accepted_command_holds_across_worker_restarts with RESTART_EXAMPLES
+examples (`make fuzz` with 500) beside the plain run, and FUZZ_RESTARTS=1 adds
+restarts to the plain run too.
 
 The dev server rather than the time-skipping one: the fuzzer needs no timers,
 and the time-skipping server mishandles a cancel that races an activity's
@@ -758,11 +761,10 @@ async def test_every_accepted_command_holds_under_random_interleavings(
     await run_examples(dev_client, task_queue, seeds)
 
 
-#: Examples with worker restarts in the fault suite (`make test-faults`).
-RESTART_EXAMPLES = int(os.environ.get("FUZZ_RESTART_EXAMPLES", "40"))
+#: Examples with worker restarts in `make test` (`make fuzz`: 500).
+RESTART_EXAMPLES = int(os.environ.get("FUZZ_RESTART_EXAMPLES", "50"))
 
 
-@pytest.mark.faults
 async def test_every_accepted_command_holds_across_worker_restarts(
         dev_client: Client, task_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same, with the workflow worker restarted every 2-6 s (a cold cache: every
