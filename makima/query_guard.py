@@ -81,8 +81,10 @@ TASK_RETRY_MESSAGE = ("a query met history events of this workflow that their wo
 
 #: Commands that record one history event each when their workflow task completes
 #: (a lower bound: a patch marker also upserts a search attribute, for instance).
+#: `cancel_timer` is not among them: the timer it cancels may have fired in the same
+#: activation, or been started in it, and then nothing is recorded.
 _RECORDED = frozenset({
-    "schedule_activity", "start_timer", "cancel_timer", "start_child_workflow_execution",
+    "schedule_activity", "start_timer", "start_child_workflow_execution",
     "signal_external_workflow_execution", "request_cancel_external_workflow_execution",
     "upsert_workflow_search_attributes", "modify_workflow_properties", "set_patch_marker",
     "complete_workflow_execution", "fail_workflow_execution",
@@ -90,15 +92,34 @@ _RECORDED = frozenset({
 })
 
 
+def _undone(commands: Any) -> set[tuple[str, int]]:
+    """Timers, activities and children the same completion starts and cancels: Core
+    sends neither command, so neither is recorded (the directive's main loop starts a
+    wall-time timer at each turn and cancels it at the next, often in one activation)."""
+    undone = set()
+    for command in commands:
+        kind = command.WhichOneof("variant")
+        if kind == "cancel_timer":
+            undone.add(("start_timer", command.cancel_timer.seq))
+        elif kind == "request_cancel_activity":
+            undone.add(("schedule_activity", command.request_cancel_activity.seq))
+        elif kind == "cancel_child_workflow_execution":
+            undone.add(("start_child_workflow_execution",
+                        command.cancel_child_workflow_execution.child_workflow_seq))
+    return undone
+
+
 def recorded_events(completion: WorkflowActivationCompletion) -> int:
     """A lower bound of the history events the completion's commands make."""
     if not completion.HasField("successful"):
         return 0
+    commands = completion.successful.commands
+    undone = _undone(commands)
     count = 0
-    for command in completion.successful.commands:
+    for command in commands:
         kind = command.WhichOneof("variant")
         if kind in _RECORDED:
-            count += 1
+            count += (kind, getattr(getattr(command, kind), "seq", None)) not in undone
         elif kind == "update_response":  # accepted / completed are events, rejected is not
             count += command.update_response.WhichOneof("response") != "rejected"
     return count

@@ -20,16 +20,19 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: list[int] = []
-        self.commands: list[str] = []
+        self.commands: list[str | tuple[str, int]] = []
         self.rejects = False
 
     def activate(self, act: WorkflowActivation) -> WorkflowActivationCompletion:
         self.seen.append(act.history_length)
         completion = WorkflowActivationCompletion(run_id=act.run_id)
         completion.successful.SetInParent()
-        for kind in self.commands:
-            command = completion.successful.commands.add()
-            getattr(command, kind).SetInParent()
+        for kind in self.commands:  # a name, or (name, seq)
+            kind, seq = kind if isinstance(kind, tuple) else (kind, None)
+            command = getattr(completion.successful.commands.add(), kind)
+            command.SetInParent()
+            if seq is not None:
+                command.seq = seq
         if self.rejects:
             completion.successful.commands.add().update_response.rejected.message = "no"
         return completion
@@ -118,3 +121,23 @@ def test_replay_never_fails_and_an_update_rejected_in_a_vanished_task_is_no_sign
     assert not failed(run(guard, activation(9, "do_update")))
     inner.rejects = False
     assert not failed(run(guard, activation(10)))
+
+
+def test_a_timer_started_and_cancelled_in_one_task_is_not_counted() -> None:
+    # the directive's main loop at two turns in one activation, after its wall-time
+    # timer (1) fired: cancel 1 (fired: nothing recorded), schedule an activity, start
+    # timer 2, cancel it (never sent), start timer 3: two events, not five. The next
+    # task then starts at 64 + completed + 2 + scheduled + started = 69 (fuzz seed
+    # 904481: this task was failed, its update refused once, for nothing)
+    inner = Recorder()
+    guard = _Guarded(inner)
+    inner.commands = [("cancel_timer", 1), ("schedule_activity", 7), ("start_timer", 2),
+                      ("cancel_timer", 2), ("start_timer", 3)]
+    run(guard, activation(64, "signal_workflow", "fire_timer"))
+    inner.commands = []
+    assert not failed(run(guard, activation(69, "do_update")))
+    # one event fewer is still a task whose commands were not all recorded
+    guard = _Guarded(inner)
+    inner.commands = [("schedule_activity", 7), ("start_timer", 3)]
+    run(guard, activation(64, "signal_workflow"))
+    assert failed(run(guard, activation(68, "do_update")))
