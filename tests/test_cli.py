@@ -168,6 +168,32 @@ def test_stop_cancels_a_running_directive(dev_stack: RunningDev, cli, sample_rep
     assert code == 1 and "rejected" in err
 
 
+def test_temporal_workflow_cancel_stops_a_directive(dev_stack: RunningDev, cli,
+                                                   sample_repo: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write_spec(tmp_path, sample_repo, [{"name": "forever", "command": "sleep 120"},
+                                              {"name": "after", "depends_on": ["forever"],
+                                               "command": "echo a > a.txt"}])
+    directive_id = new_id()
+    assert cli("start", str(spec), "--id", directive_id, capsys=capsys)[0] == 0
+    wait_for(dev_stack, directive_id, lambda s: s["steps"] and
+             s["steps"][0]["status"] == "running")
+    dev_stack.temporal("workflow", "cancel", "--workflow-id", directive_id)
+    # the audit trail, read from Postgres until the directive's end
+    code, out, _ = cli("events", directive_id, "--follow", capsys=capsys)
+    assert code == 0 and out.rstrip().endswith(
+        "its workflow was cancelled from outside makima (temporal workflow cancel)"), out
+    code, out, _ = cli("list", "--status", "stopped", capsys=capsys)
+    assert code == 0 and directive_id in out
+    final = status_json(dev_stack, directive_id)
+    assert final["status"] == "stopped" and "temporal workflow cancel" in final["reason"]
+    assert [s["status"] for s in final["steps"]] == ["cancelled", "pending"]
+    described = json.loads(dev_stack.temporal("workflow", "describe", "--workflow-id",
+                                              directive_id, "--output", "json"))
+    assert described["workflowExecutionInfo"]["status"] == \
+        "WORKFLOW_EXECUTION_STATUS_CANCELED", described["workflowExecutionInfo"]
+
+
 def test_a_command_the_directive_ends_before_taking_is_refused_with_that_reason(
         dev_stack: RunningDev) -> None:
     """A command that reaches a directive as it ends is not taken: the server aborts
