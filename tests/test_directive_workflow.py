@@ -9,6 +9,7 @@ what the `status` query says on the way.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -18,13 +19,14 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from makima.contracts import ActivityName, EventType
+from makima.contracts import ActivityName, EventType, PauseState, StepInput, StepSpec
 from makima.models import (
     ApprovalDecision,
     BudgetRaise,
     DirectiveStatus,
     GoalUpdate,
     StepRef,
+    StepStatus,
     StopRequest,
 )
 from tests.standins import (
@@ -40,6 +42,7 @@ from tests.standins import (
 )
 from worker import build_worker
 from workflows.directive import DirectiveWorkflow
+from workflows.step import StepWorkflow
 
 EXECUTE = ActivityName.EXECUTE_STEP
 EVALUATE = ActivityName.EVALUATE_STEP
@@ -254,6 +257,29 @@ async def test_pause_holds_new_launches_and_resume_continues(
     assert paused.status is DirectiveStatus.PAUSED
     assert result.status is DirectiveStatus.COMPLETED
     assert stand.order(EXECUTE) == ["a", "b"]
+
+
+async def test_a_pause_that_reaches_a_step_before_its_first_task_holds(
+        client: Client, task_queue: str) -> None:
+    # the directive started the step unpaused, then paused and told it, all before the
+    # step's first workflow task: the step's input must not undo the pause (fuzz seed
+    # 579515: the agent ran while the directive was paused)
+    stand = StandIns()
+    spec = spec_of(("a", []))
+    step_input = StepInput(directive_id="directive-test-step", generation=1,
+                           spec=StepSpec.of(spec), step=spec.plan.steps[0],
+                           integration_branch="makima/directive-test-step", paused=False)
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await client.start_workflow(
+            StepWorkflow.run, step_input, id=f"step-test-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue, start_signal="set_paused",
+            start_signal_args=[PauseState(paused=True)])
+        await asyncio.sleep(1.0)
+        assert stand.called(EXECUTE) == [], "the agent ran while the step was told paused"
+        await handle.signal(StepWorkflow.set_paused, PauseState(paused=False))
+        result = await asyncio.wait_for(handle.result(), 30)
+        await save_history(handle, client, "paused-before-first-task")
+    assert result.status is StepStatus.PASSED and stand.order(EXECUTE) == ["a"]
 
 
 async def test_stop_cancels_the_running_activity_and_ends_stopped(

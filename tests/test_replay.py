@@ -60,7 +60,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "pause-told",
                 # one step_status event when a step returns to wait for a person (patch
                 # 'directive-result-repeats-no-status-event')
-                "approval-once"}
+                "approval-once",
+                # a StepWorkflow told "paused" before its first task (patch
+                # 'step-pause-before-run-holds')
+                "paused-before-first-task"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

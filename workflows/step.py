@@ -98,6 +98,10 @@ PARENT_RECORDS_LAST_EVENTS = "parent-records-last-events"
 #: On the worker holding the worktree, one activity evaluates and, where the policy
 #: passes the attempt without a person, merges it (activities/evaluate_merge.py).
 EVALUATE_AND_MERGE = "step-evaluate-and-merge"
+#: A pause or resume that reaches the step before its first workflow task holds: its
+#: input's `paused` (what the directive knew when it started the step) no longer
+#: overwrites it, so a step told "paused" before it began does not run its agent.
+SIGNAL_BEFORE_RUN_HOLDS = "step-pause-before-run-holds"
 
 
 def _reraise_if_cancelled(err: ActivityError) -> None:
@@ -148,6 +152,7 @@ def _trimmed(execution: ExecuteOutput) -> dict[str, Any]:
 class StepWorkflow:
     def __init__(self) -> None:
         self._paused = False
+        self._told_paused = False  # a set_paused signal came (it may come before run())
         self._decision: StepDecision | None = None
         self._reevaluate_requested = False
         self._status = StepStatus.PENDING
@@ -169,6 +174,7 @@ class StepWorkflow:
     @workflow.signal(name="set_paused", description="The directive paused or resumed.")
     def set_paused(self, state: PauseState) -> None:
         self._paused = state.paused
+        self._told_paused = True
 
     # A decision and a re-evaluation exclude each other: the first to arrive holds
     # (the audit log must not say "approved" for a step that was evaluated again).
@@ -204,7 +210,8 @@ class StepWorkflow:
     @workflow.run
     async def run(self, input: StepInput) -> StepResult:
         self._input = input
-        self._paused = input.paused
+        if not (self._told_paused and workflow.patched(SIGNAL_BEFORE_RUN_HOLDS)):
+            self._paused = input.paused
         self._log = EventLog(input.directive_id, workflow.info().workflow_id)
         try:
             result = await self._attempts()
