@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.billing import every_try_billed
 from activities.errors import expected_failure, translated_errors
+from activities.heartbeat import Heartbeat
 from makima.constants import MAX_TEXT_IN_HISTORY
 from makima.contracts import ActivityName, PlanInput, PlanOutput
 from makima.llm.client import LLMClient
@@ -57,20 +58,22 @@ class PlanningActivities:
             raise llm_not_configured("planning")
         spec = request.spec
         model = spec.models.planner or self.llm.planner_model
-        # a retried try also reports what the tries before it were billed
+        # a retried try also reports what the tries before it were billed; the heartbeats
+        # bring a cancel of the directive, and the call in flight then says its bill
         with translated_errors(), every_try_billed() as earlier:
-            result = await structured_call(
-                self.llm,
-                output_type=Plan,
-                tool_name=PLAN_TOOL,
-                tool_description=PLAN_TOOL_DESCRIPTION,
-                model=model,
-                system=[
-                    {"type": "text", "text": planning_system()},
-                    cached_context_block(spec),
-                ],
-                messages=[{"role": "user", "content": planning_request(request)}],
-                max_tokens=PLAN_MAX_TOKENS,
-            )
+            async with Heartbeat():
+                result = await structured_call(
+                    self.llm,
+                    output_type=Plan,
+                    tool_name=PLAN_TOOL,
+                    tool_description=PLAN_TOOL_DESCRIPTION,
+                    model=model,
+                    system=[
+                        {"type": "text", "text": planning_system()},
+                        cached_context_block(spec),
+                    ],
+                    messages=[{"role": "user", "content": planning_request(request)}],
+                    max_tokens=PLAN_MAX_TOKENS,
+                )
         return PlanOutput(plan=result.value, usage=earlier + result.usage,
                           raw_text=result.raw_text[:MAX_TEXT_IN_HISTORY])

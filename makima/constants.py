@@ -18,6 +18,8 @@ from temporalio.common import RetryPolicy
 TASK_QUEUE = "makima"
 
 PLAN_TIMEOUT = timedelta(minutes=10)
+#: The planner heartbeats while its call is out, so that a cancel reaches it.
+PLAN_HEARTBEAT_TIMEOUT = timedelta(seconds=60)
 PLAN_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,

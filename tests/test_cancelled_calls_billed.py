@@ -19,12 +19,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import CancelledError
 
 from activities.billing import BillingActivities
 from activities.evaluate_merge import EvaluateMergeActivities
 from activities.evaluation import EvaluationActivities
 from activities.execution import ExecutionActivities
+from activities.planning import PlanningActivities
 from activities.record import RecordActivities
 from makima.contracts import integration_branch
 from makima.llm.client import llm_from_env
@@ -203,3 +205,38 @@ async def test_a_stop_while_the_agent_waits_for_a_retry_counts_the_failed_try(
 
     assert messages_server.billed, "the failed try's turn was billed"
     assert_reports_the_bill(spent, messages_server)
+
+
+async def test_a_cancel_while_the_planners_call_is_in_flight_counts_that_call(
+        client: Client, task_queue: str, repo: Path, messages_server: MessagesServer,
+        pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # `temporal workflow cancel` of the directive while it plans: a stop by another
+    # name, and the planner's answer, billed whether or not anyone reads it, is counted
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.base_url)
+    messages_server.script(slow(tool_reply("submit_plan", PLAN, used=usage(4100, 410)),
+                                GENERATION_SECONDS))
+    spec = DirectiveSpec(title="hello", goal="write hello.txt", repository={"path": str(repo)},
+                         executor=ExecutorKind.ANTHROPIC, evaluator="programmatic")
+    llm = llm_from_env()
+    assert llm is not None
+    execution = ExecutionActivities(heartbeat_interval=0.5)
+    activities = [*PlanningActivities(llm).activities(), *execution.activities(),
+                  *RecordActivities(pool=pg_pool).activities()]
+    try:
+        async with build_worker(client, task_queue, activities):
+            handle = await start(client, task_queue, spec)
+            await requests_reached(messages_server, 1)
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError) as failure:
+                await handle.result()
+            final = await handle.query(DirectiveWorkflow.status)
+            await save_history(handle, client, "cancel-planner-call-in-flight")
+    finally:
+        await llm.close()
+    assert isinstance(failure.value.cause, CancelledError)
+    assert final.status is DirectiveStatus.STOPPED and final.steps == []
+    assert messages_server.wait_idle(30) and len(messages_server.billed) == 1
+    billed = assert_reports_the_bill(final.cost_usd, messages_server)
+    recorded = await get_directive(pg_pool, handle.id)
+    assert recorded.directive.status == "stopped"
+    assert recorded.directive.cost_usd == pytest.approx(billed, abs=1e-9)

@@ -67,6 +67,26 @@ async def test_a_directive_cancelled_while_it_plans_ends_stopped(
     assert not [e for e in stand.events if e.type is EventType.PLAN_FAILED]
 
 
+async def test_a_plan_that_comes_with_the_cancel_is_paid_for_and_not_run(
+        client: Client, task_queue: str) -> None:
+    # the planner answers before it hears of the cancel (it hears it with a heartbeat's
+    # answer, about a second later): its answer is counted, its plan not run
+    stand = StandIns()
+    stand.plans = [plan_of(("a", []))]
+    gate = stand.gate(PLAN_GATE)
+    async with build_worker(client, task_queue, stand.activities()):
+        handle = await start(client, task_queue, spec_of())
+        await asyncio.wait_for(gate.reached.wait(), 20)
+        await handle.cancel()
+        gate.opened.set()
+        await cancelled(handle)
+        final = await status(handle)
+        await save_history(handle, client, "cancelled-as-the-plan-came")
+    assert final.status is DirectiveStatus.STOPPED and final.steps == []
+    assert stand.called(EXECUTE) == []
+    assert final.cost_usd == stand.billed.get(handle.id, 0.0), "what the planner billed"
+
+
 async def test_a_directive_cancelled_while_steps_run_cancels_them_and_ends_stopped(
         client: Client, task_queue: str) -> None:
     stand = StandIns()

@@ -63,7 +63,10 @@ def test_every_scenario_has_a_recorded_history() -> None:
                 "approval-once",
                 # a StepWorkflow told "paused" before its first task (patch
                 # 'step-pause-before-run-holds')
-                "paused-before-first-task"}
+                "paused-before-first-task",
+                # the planner hears the cancel and its call in flight is counted, or its
+                # answer comes with the cancel (patch 'directive-planner-cancel-counted')
+                "cancel-planner-call-in-flight", "cancelled-as-the-plan-came"}
     assert expected <= names, f"missing histories: {sorted(expected - names)}"
     # re-plan and goal change continue as new: their second run is recorded too
     assert {"replan-1.json", "update-goal-1.json"} <= {p.name for p in HISTORIES}

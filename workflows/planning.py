@@ -37,6 +37,11 @@ def cancel_reason() -> str:
             + (f": {why}" if why else ""))
 
 
+#: The planner hears a cancel of the directive (it heartbeats), and the directive waits
+#: for its end, which says what the call in flight was billed, and counts it.
+PLANNER_CANCEL_COUNTED_PATCH = "directive-planner-cancel-counted"
+
+
 class DirectivePlanning:
     """Planning, over `DirectiveWorkflow`'s state."""
 
@@ -73,10 +78,11 @@ class DirectivePlanning:
                     self._end(DirectiveStatus.FAILED,
                               "no plan was supplied and the directive has no planner")
                     return None
+                waits = self._patched(PLANNER_CANCEL_COUNTED_PATCH)
                 try:
-                    planned = await self._ask_planner(candidate, errors)
+                    planned = await self._ask_planner(candidate, errors, waits)
                 except ActivityError as err:
-                    self._stop_if_cancelled(err)
+                    self._stop_if_cancelled(err, waited=waits)
                     if self._patched(COUNT_FAILED_TRIES_PATCH):  # e.g. an invalid answer
                         self._cost = round(self._cost + billed_usage(err).cost_usd, 6)
                     self._event(EventType.PLAN_FAILED, cause_of(err), severity=Severity.ERROR,
@@ -84,6 +90,8 @@ class DirectivePlanning:
                     self._end(DirectiveStatus.FAILED, f"planning failed: {cause_of(err)}")
                     return None
                 self._cost = round(self._cost + planned.usage.cost_usd, 6)
+                if waits:  # the answer came before the planner heard of the cancel
+                    self._stop_if_cancelled(None)
                 candidate = planned.plan
             errors = validate_plan(candidate, kept=kept)
             if not errors:
@@ -104,12 +112,18 @@ class DirectivePlanning:
                 return None
             self._replans += 1
 
-    def _stop_if_cancelled(self, err: ActivityError) -> None:
-        """A cancel of the directive reached the activity: not its failure, but a stop
-        (DirectiveWorkflow.run takes it from here)."""
-        if (self._cancel_stops and workflow.cancellation_reason() is not None
-                and is_cancelled_exception(err)):
-            raise asyncio.CancelledError(cancel_reason()) from err
+    def _stop_if_cancelled(self, err: ActivityError | None, *, waited: bool = False) -> None:
+        """The directive was cancelled while an activity ran: its failure (`err`), or
+        its result (None), is not what counts, the cancel is: a stop (DirectiveWorkflow.run
+        takes it from here). `waited`: the activity was asked to stop and its end
+        waited for, which carries what it was billed; counted here."""
+        if not self._cancel_stops or workflow.cancellation_reason() is None:
+            return
+        if err is not None and waited:
+            self._cost = round(self._cost + billed_usage(err).cost_usd, 6)
+        elif err is not None and not is_cancelled_exception(err):
+            return
+        raise asyncio.CancelledError(cancel_reason()) from err
 
     def _plan_ok(self) -> bool:
         """False (and the directive failed) when the supplied first plan is invalid."""
@@ -123,7 +137,8 @@ class DirectivePlanning:
         self._end(DirectiveStatus.FAILED, "the supplied plan is invalid: " + "; ".join(errors))
         return False
 
-    async def _ask_planner(self, previous: Plan | None, errors: list[str]) -> PlanOutput:
+    async def _ask_planner(self, previous: Plan | None, errors: list[str],
+                           waits: bool) -> PlanOutput:
         self._log.flush()
         asked = PlanInput(directive_id=self._id, spec=self._spec, generation=self._generation,
                           reason=self._replan_reason, existing_steps=self._previous,
@@ -134,7 +149,10 @@ class DirectivePlanning:
             asked,
             result_type=PlanOutput,
             start_to_close_timeout=c.PLAN_TIMEOUT,
+            heartbeat_timeout=c.PLAN_HEARTBEAT_TIMEOUT if waits else None,
             retry_policy=c.PLAN_RETRY_POLICY,
+            cancellation_type=(workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+                               if waits else workflow.ActivityCancellationType.TRY_CANCEL),
             summary=f"plan generation {self._generation}",
         )
 
