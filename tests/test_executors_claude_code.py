@@ -100,6 +100,9 @@ async def test_a_crash_is_retryable_and_the_retry_resumes_the_session(
     with pytest.raises(ApplicationError) as caught:
         await _run(tmp_path, env)
     assert not caught.value.non_retryable  # Temporal retries it
+    # no result message: the failure carries what the turn before the crash was billed
+    crashed = Usage.model_validate(caught.value.details[0]["usage"])
+    assert crashed.input_tokens == 1000 and crashed.cost_usd > 0
     last_details = heartbeats[-1]
     assert last_details["session_id"] == "sess-crashy"
     assert last_details["usage"]["input_tokens"] == 1000  # billed before the crash
