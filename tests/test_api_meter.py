@@ -82,7 +82,7 @@ def test_a_json_answer_counts_its_usage() -> None:
 
 
 def test_a_delta_that_restates_the_input_counts_replace_the_starts() -> None:
-    reading = AnswerReading(chunked=False, events=True, asked_model=MODEL)
+    reading = AnswerReading(chunked=False, events=True, request_body=request_for())
     start = {"type": "message_start", "message": {
         "id": "msg_1", "model": MODEL, "usage": usage(10, 1)}}
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
@@ -94,7 +94,7 @@ def test_a_delta_that_restates_the_input_counts_replace_the_starts() -> None:
 
 def test_an_answer_cut_off_counts_what_it_had_said() -> None:
     raw = sse_events(answer_body(usage(3000, 300)))
-    reading = AnswerReading(chunked=False, events=True, asked_model=MODEL)
+    reading = AnswerReading(chunked=False, events=True, request_body=request_for())
     reading.feed(raw[:raw.index(b"event: message_delta")])
     counted = reading.usage()
     assert counted is not None
@@ -112,7 +112,7 @@ def test_answers_that_are_not_billed_are_not_read(method: str, target: str, stat
 
 
 def test_an_answer_that_names_no_model_is_priced_for_the_model_asked_for() -> None:
-    reading = AnswerReading(chunked=False, events=False, asked_model="claude-haiku-4-5")
+    reading = AnswerReading(chunked=False, events=False, request_body=request_for("claude-haiku-4-5"))
     reading.feed(json.dumps({"id": "msg_2", "usage": usage(1000, 100)}).encode())
     assert reading.usage() == usage_from_api("claude-haiku-4-5", usage(1000, 100))
 
@@ -125,7 +125,7 @@ async def test_settled_waits_for_the_calls_still_out_and_tells_each_total() -> N
     async def one_call(delay: float, used: dict[str, int]) -> None:
         with meter.call():
             await asyncio.sleep(delay)
-            reading = AnswerReading(chunked=False, events=False, asked_model=MODEL)
+            reading = AnswerReading(chunked=False, events=False, request_body=request_for())
             reading.feed(json.dumps({"id": f"msg_{delay}", "usage": used}).encode())
             meter.count(reading)
 

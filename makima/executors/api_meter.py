@@ -68,7 +68,7 @@ class ApiMeter:
         fields = {name.lower(): value.lower() for name, value in headers}
         return AnswerReading(chunked="chunked" in fields.get("transfer-encoding", ""),
                              events="text/event-stream" in fields.get("content-type", ""),
-                             asked_model=_asked_model(request_body))
+                             request_body=request_body)
 
     @property
     def total(self) -> Usage:
@@ -93,11 +93,14 @@ class AnswerReading:
     """One answer's body as it streams by: server-sent events (message_start, then
     message_delta with the final usage) or one JSON message."""
 
-    def __init__(self, *, chunked: bool, events: bool, asked_model: str = "") -> None:
+    def __init__(self, *, chunked: bool, events: bool, request_body: bytes = b"") -> None:
         self._chunks = _Dechunker() if chunked else None
         self._events = events
         self._pending = b""  # events: the line not ended yet; JSON: the body so far
-        self.model = asked_model
+        #: the model that answered; else the one asked for (read from the request only
+        #: then: a request holds the whole conversation)
+        self.model = ""
+        self._request_body = request_body
         self.message_id = ""
         self._usage: dict[str, Any] | None = None
 
@@ -121,7 +124,7 @@ class AnswerReading:
             self._pending = b""
         if self._usage is None:
             return None
-        return usage_from_api(self.model, self._usage)
+        return usage_from_api(self.model or _asked_model(self._request_body), self._usage)
 
     def _event_line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):
