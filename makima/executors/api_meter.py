@@ -127,7 +127,10 @@ class AnswerReading:
         return usage_from_api(self.model or _asked_model(self._request_body), self._usage)
 
     def _event_line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
+        # only two kinds of event name a usage: the text deltas in between, nearly all
+        # of an answer, are not parsed
+        if not line.startswith(b"data:") or not (b'"message_start"' in line
+                                                 or b'"message_delta"' in line):
             return
         event = _json(line[5:])
         if event is None:
