@@ -33,8 +33,9 @@ completed; its activation then looks like the task's own, but Core may lose that
 task's completion and keep the commands. So a second check: each task that
 completed adds at least WorkflowTaskCompleted, one event per command that makes
 one, WorkflowTaskScheduled and WorkflowTaskStarted before the next task's
-activation; a task that comes sooner follows commands that were never recorded,
-and it is failed too. The cost: a failed workflow task in the history and a
+activation; a task that comes sooner than that after one this worker ran live (a
+replayed one's commands are in the history) follows commands that were never
+recorded, and it is failed too. The cost: a failed workflow task in the history and a
 replay; a query or update that meets the failed task is refused once (ask again).
 What is not undone: when the real task has nothing new to run, Core completes it
 with the commands the query's activation made, and that activation saw a history
@@ -181,6 +182,7 @@ class _Guarded(ForwardingInstance):
         self._time = 0
         self._recorded = 0  # events the completions of that task record, at least
         self._speculative = False  # that task may vanish (it only rejected an update)
+        self._replayed = False  # that task was replayed: its commands are in the history
         self._ran_for_a_query = False  # new history events ran without their task
 
     def _earliest_next(self) -> int:
@@ -198,7 +200,7 @@ class _Guarded(ForwardingInstance):
             return ""
         if self._ran_for_a_query:
             return "a query ran history events before this task"
-        if act.history_length < self._earliest_next():
+        if not self._replayed and act.history_length < self._earliest_next():
             return "commands of the task before were not recorded"
         return ""
 
@@ -215,6 +217,7 @@ class _Guarded(ForwardingInstance):
             return completion
         if act.history_length != self._length:
             self._length, self._recorded, self._speculative = act.history_length, 0, True
+            self._replayed = act.is_replaying
             if not self._ran_for_a_query:  # a query's activation repeats the task before
                 self._size, self._time = act.history_size_bytes, act.timestamp.ToNanoseconds()
         completion = self._inner.activate(act)
