@@ -19,6 +19,7 @@ from makima.models import DirectiveStatus
 from tests.standins import (
     COMPLETION_GATE,
     PLAN_GATE,
+    Gate,
     StandIns,
     plan_of,
     save_history,
@@ -47,11 +48,16 @@ def directive_statuses(stand: StandIns) -> list[tuple[str, str]]:
             if e.type is EventType.DIRECTIVE_STATUS]
 
 
-async def test_a_directive_cancelled_while_it_plans_ends_stopped(
-        client: Client, task_queue: str) -> None:
+def planning_stand() -> tuple[StandIns, Gate]:
+    """Stand-ins whose planner waits at its gate and then plans one step."""
     stand = StandIns()
     stand.plans = [plan_of(("a", []))]
-    gate = stand.gate(PLAN_GATE)
+    return stand, stand.gate(PLAN_GATE)
+
+
+async def test_a_directive_cancelled_while_it_plans_ends_stopped(
+        client: Client, task_queue: str) -> None:
+    stand, gate = planning_stand()
     async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec_of())
         await asyncio.wait_for(gate.reached.wait(), 20)
@@ -71,9 +77,7 @@ async def test_a_plan_that_comes_with_the_cancel_is_paid_for_and_not_run(
         client: Client, task_queue: str) -> None:
     # the planner answers before it hears of the cancel (it hears it with a heartbeat's
     # answer, about a second later): its answer is counted, its plan not run
-    stand = StandIns()
-    stand.plans = [plan_of(("a", []))]
-    gate = stand.gate(PLAN_GATE)
+    stand, gate = planning_stand()
     async with build_worker(client, task_queue, stand.activities()):
         handle = await start(client, task_queue, spec_of())
         await asyncio.wait_for(gate.reached.wait(), 20)
