@@ -170,6 +170,7 @@ def test_a_person_reviews_and_decides_in_the_browser(dev_stack: RunningDev, cons
             expect(page.locator("#ended")).to_contain_text(
                 f"This directive has ended (completed); nothing can be changed any more. "
                 f"Its work is on makima/{approve_me}.")
+            expect(page.locator("ol.generations")).to_contain_text("generation 1 · completed")
             assert page.evaluate("window.__notReloaded") is True
             shoot(page, "completed-live")
 

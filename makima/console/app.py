@@ -118,9 +118,13 @@ async def _directive_context(console: Console, directive_id: str) -> dict[str, A
                                           generation=step.generation))
     waiting = {(i.step, i.attempt): i for i in
                await reads.inbox(console.pool, directive_id=directive_id)}
+    chains = await reads.generations(console.pool, directive_id)
+    last = max((c.generation for c in chains), default=0)
     return {"detail": detail, "d": detail.directive, "steps": steps, "waiting": waiting,
             "graph": dag_svg(detail.steps), "spec": detail.spec or {},
-            "passed": sum(1 for s in detail.steps if s.status == "passed")}
+            "passed": sum(1 for s in detail.steps if s.status == "passed"),
+            "chains": [(c, generation_outcome(c, detail.directive.status, last))
+                       for c in chains]}
 
 
 def generation_outcome(chain: reads.ChainRecord, directive_status: str, last: int) -> str:
@@ -146,14 +150,11 @@ async def directive_page(request: Request) -> Response:
         context = await _directive_context(console, directive_id)
     except NotFound as problem:
         return page(request, "missing.html", status_code=404, message=str(problem))
-    chains = await reads.generations(console.pool, directive_id)
-    last = max((c.generation for c in chains), default=0)
-    outcomes = [(c, generation_outcome(c, context["d"].status, last)) for c in chains]
     from makima.report import directive_report
 
     return page(request, "directive.html", events=[(e.position, event_line(e)) for e in events],
                 report=await directive_report(console.pool, directive_id),
-                last_position=events[-1].position if events else 0, chains=outcomes,
+                last_position=events[-1].position if events else 0,
                 ui_url=console.ui_url, **context)
 
 
